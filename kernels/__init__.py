@@ -1,0 +1,1 @@
+"""hdit_kernels: attention kernels for hdit-jax. Depends on jax alone."""

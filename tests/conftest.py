@@ -1,0 +1,47 @@
+"""Shared test set-up: the k-diffusion reference fixtures and float32-exact matmuls."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from safetensors import numpy as st_numpy
+
+DEFAULT_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "kdiff_hdit"
+
+
+class KDiffFixtures:
+  """One fixture folder in the k-diffusion reference format (see its README)."""
+
+  def __init__(self, root: pathlib.Path):
+    if not root.is_dir():
+      raise FileNotFoundError(f"fixture folder not found: {root} (HDIT_KDIFF_FIXTURES)")
+    self.root = root
+
+  def path(self, name: str) -> str:
+    return str(self.root / name)
+
+  def json(self, name: str):
+    with open(self.root / name) as f:
+      return json.load(f)
+
+  def tensors(self, name: str) -> dict[str, np.ndarray]:
+    return st_numpy.load_file(self.path(name))
+
+
+@pytest.fixture(scope="session")
+def kdiff() -> KDiffFixtures:
+  return KDiffFixtures(pathlib.Path(os.environ.get("HDIT_KDIFF_FIXTURES", DEFAULT_FIXTURES)))
+
+
+@pytest.fixture(autouse=True)
+def highest_matmul_precision():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def rel_l2(got, ref) -> float:
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
