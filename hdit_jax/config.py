@@ -1,0 +1,100 @@
+"""The default experiment config: every key that a config file may set, with its default.
+
+Config files (`configs/*.py`) start from `base_config()` and change what differs, so that an
+unknown key in a file or on the command line (`--config.model.widths=...`) is an error.
+"""
+
+import ml_collections
+
+
+def hdit_model(**overrides) -> ml_collections.ConfigDict:
+  """Model section for an HDiT; defaults are k-diffusion's for image_transformer_v2."""
+  model = ml_collections.ConfigDict(dict(
+      type="hdit",
+      input_size=(256, 256),
+      input_channels=3,
+      patch_size=(4, 4),
+      depths=(2, 2, 16),
+      widths=(384, 768, 1536),
+      d_ffs=(),                      # empty: 3 x width per level
+      attention=("neighborhood", "neighborhood", "global"),
+      d_heads=(64, 64, 64),
+      kernel_sizes=(7, 7, 7),        # used by neighborhood levels
+      window_sizes=(8, 8, 8),        # used by shifted-window levels
+      dropout_rate=(0.0, 0.0, 0.0),
+      mapping_width=256,
+      mapping_depth=2,
+      mapping_d_ff=768,
+      mapping_dropout_rate=0.0,
+      mapping_cond_dim=0,
+      num_classes=0,                 # dataset classes; the null class is num_classes
+      feed_forward="geglu",          # 'gelu': ablation baseline
+      position_embedding="rope",     # 'sincos': additive, ablation baseline
+      skip="lerp",                   # 'add' | 'concat': ablation baselines
+      dtype="bfloat16",              # compute dtype; parameters stay float32
+      param_dtype="float32",
+      remat=False,
+      attention_implementation="",   # '' picks the best neighborhood-attention kernel
+  ))
+  model.update(overrides)
+  return model
+
+
+def dit_model(variant: str = "B/4", **overrides) -> ml_collections.ConfigDict:
+  """Model section for the pixel-space DiT baseline (adaLN-Zero)."""
+  model = ml_collections.ConfigDict(dict(
+      type="dit", variant=variant, input_size=(256, 256), input_channels=3, num_classes=0,
+      learn_sigma=False, dtype="bfloat16", param_dtype="float32", remat=False))
+  model.update(overrides)
+  return model
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = hdit_model()
+
+  # EDM preconditioning, loss and training noise levels (k-diffusion's Denoiser).
+  c.diffusion = ml_collections.ConfigDict(dict(
+      sigma_data=0.5,
+      sigma_min=0.01,
+      sigma_max=160.0,
+      loss_weighting="soft-min-snr",   # karras | soft-min-snr | snr
+      loss_scales=1,                   # > 1: DCT-weighted multi-scale loss
+      sigma_density=ml_collections.ConfigDict(dict(
+          type="cosine-interpolated",  # lognormal | loglogistic | loguniform | v-diffusion | ...
+          loc=-1.2, scale=1.2,         # lognormal / loglogistic
+          min_value=1e-3, max_value=1e3,
+          noise_d_low=32, noise_d_high=0,  # 0: the image size
+      )),
+      cond_dropout_rate=0.1,           # labels replaced by the null class (for guidance)
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=5e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-2,
+      mapping_lr_scale=1 / 3,          # mapping network and AdaRMSNorm modulations
+      grad_clip=1.0, warmup_steps=0))
+  c.ema = ml_collections.ConfigDict(dict(power=0.75, max_value=0.9999))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="tfds",                   # tfds | folder | embedded
+      name="imagenet2012",             # tfds name, folder path, or embedded dataset name
+      split="train",
+      image_size=256,
+      augment_prob=0.0,                # non-leaky augmentation (9-dim aug_cond)
+      hflip=False,
+      batch_size=256,                  # global batch
+      num_workers=8,
+  ))
+
+  c.training = ml_collections.ConfigDict(dict(
+      num_steps=1_000_000, grad_accum_steps=1, log_every=100, checkpoint_every=10_000,
+      keep_checkpoints=3, keep_every=100_000, sample_every=10_000, num_sample_images=64))
+
+  c.sampling = ml_collections.ConfigDict(dict(
+      sampler="dpmpp_3m_sde", steps=50, eta=1.0, rho=7.0, guidance_scale=1.0,
+      sigma_min=0.01, sigma_max=0.0))  # 0: diffusion.sigma_max
+
+  # Mesh axes; one of them -1 takes the devices that remain.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c

@@ -1,0 +1,142 @@
+"""Neighborhood attention: NATTEN parity, a brute-force float64 reference, gradients, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_l2
+from hdit_kernels import neighborhood_attention as na
+
+jax.config.update("jax_enable_x64", True)  # float64 references below; inputs are typed explicitly
+
+IMPLEMENTATIONS = na.IMPLEMENTATIONS
+
+
+def brute_force_na(q, k, v, kernel_size, dilation, scale):
+  """Float64 loops straight from NATTEN's definition (independent of the library code)."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  b, h, w, n, d = q.shape
+
+  def axis_window(i, length):
+    group, sub = i % dilation, i // dilation
+    group_len = len(range(group, length, dilation))
+    start = min(max(sub - kernel_size // 2, 0), group_len - kernel_size)
+    return [(start + a) * dilation + group for a in range(kernel_size)]
+
+  out = np.zeros_like(q)
+  for i in range(h):
+    rows = axis_window(i, h)
+    for j in range(w):
+      cols = axis_window(j, w)
+      keys = k[:, rows][:, :, cols].reshape(b, -1, n, d)
+      vals = v[:, rows][:, :, cols].reshape(b, -1, n, d)
+      logits = np.einsum("bnd,bknd->bnk", q[:, i, j], keys) * scale
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      out[:, i, j] = np.einsum("bnk,bknd->bnd", p, vals)
+  return out
+
+
+def random_qkv(key, shape, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(key, 3)
+  return tuple(jax.random.normal(kk_, shape, jnp.float32).astype(dtype) for kk_ in (kq, kk, kv))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_natten_fixture_cases(kdiff, implementation):
+  meta = kdiff.json("na_cases.json")
+  tensors = kdiff.tensors("na_cases.safetensors")
+  assert meta["cases"]
+  for name, case in meta["cases"].items():
+    # Fixture layout is (batch, heads, H, W, head_dim); the op's is (batch, H, W, heads, head_dim).
+    q, k, v, ref = (np.transpose(tensors[f"{name}.{t}"], (0, 2, 3, 1, 4))
+                    for t in ("q", "k", "v", "out"))
+    np.testing.assert_array_equal(
+        na.window_starts(case["H"], case["kernel_size"], case["dilation"]),
+        tensors[f"{name}.win_start_h"], err_msg=name)
+    np.testing.assert_array_equal(
+        na.window_starts(case["W"], case["kernel_size"], case["dilation"]),
+        tensors[f"{name}.win_start_w"], err_msg=name)
+    out = na.na2d(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), case["kernel_size"],
+                  case["dilation"], scale=case["scale"], implementation=implementation)
+    assert rel_l2(out, ref) <= 1e-6, name
+    assert float(np.max(np.abs(np.asarray(out) - ref))) <= 2e-6, name
+
+
+CASES = [
+    # (batch, H, W, heads, head_dim, kernel, dilation)
+    (1, 9, 9, 1, 8, 3, 1),
+    (3, 12, 17, 2, 16, 7, 1),      # odd batch, non-square, border windows
+    (2, 7, 7, 2, 8, 7, 1),         # kernel = map size: full attention
+    (1, 7, 11, 1, 8, 7, 1),        # kernel = one side
+    (2, 13, 10, 3, 8, 5, 2),       # dilation, groups of unequal length
+    (1, 16, 16, 2, 32, 3, 4),
+    (1, 10, 8, 2, 8, 4, 1),        # even kernel
+]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("b, h, w, n, d, ks, dil", CASES)
+def test_matches_float64_brute_force(implementation, b, h, w, n, d, ks, dil):
+  q, k, v = random_qkv(jax.random.key(h * 100 + w), (b, h, w, n, d))
+  scale = 0.7
+  out = na.na2d(q, k, v, ks, dil, scale=scale, implementation=implementation)
+  assert out.dtype == jnp.float32 and out.shape == q.shape
+  assert rel_l2(out, brute_force_na(q, k, v, ks, dil, scale)) <= 1e-6
+
+
+def test_kernel_equal_to_map_is_dense_attention():
+  q, k, v = random_qkv(jax.random.key(1), (2, 7, 7, 2, 8))
+  out = na.na2d(q, k, v, 7, scale=1.0)
+  flat = lambda t: t.reshape(2, 49, 2, 8).astype(jnp.float64)
+  logits = jnp.einsum("bqnd,bknd->bnqk", flat(q), flat(k))
+  dense = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(logits, -1), flat(v))
+  assert rel_l2(out.reshape(2, 49, 2, 8), dense) <= 1e-6
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bfloat16(implementation):
+  q, k, v = random_qkv(jax.random.key(2), (3, 14, 10, 2, 16), jnp.bfloat16)
+  out = na.na2d(q, k, v, 7, scale=0.25, implementation=implementation)
+  assert out.dtype == jnp.bfloat16
+  ref = brute_force_na(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                       7, 1, 0.25)
+  assert rel_l2(out.astype(jnp.float32), ref) <= 1e-2
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("b, h, w, n, d, ks, dil", [CASES[1], CASES[4], CASES[2]])
+def test_gradients_match_float64_autodiff(implementation, b, h, w, n, d, ks, dil):
+  q, k, v = random_qkv(jax.random.key(3), (b, h, w, n, d))
+  cotangent = jax.random.normal(jax.random.key(4), q.shape)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v) * cotangent.astype(q.dtype))
+
+  got = jax.grad(lambda *a: loss(lambda q, k, v: na.na2d(
+      q, k, v, ks, dil, scale=0.5, implementation=implementation), *a), argnums=(0, 1, 2))(q, k, v)
+  f64 = tuple(t.astype(jnp.float64) for t in (q, k, v))
+  want = jax.grad(lambda *a: loss(lambda q, k, v: na.na2d_reference(
+      q, k, v, ks, dil, scale=0.5), *a), argnums=(0, 1, 2))(*f64)
+  for name, g, r in zip("qkv", got, want):
+    assert g.dtype == jnp.float32
+    assert rel_l2(g, r) <= 1e-5, name
+
+
+@pytest.mark.parametrize("shape, ks, dil, message", [
+    ((1, 6, 9, 1, 8), 7, 1, "height"),
+    ((1, 9, 6, 1, 8), 7, 1, "width"),
+    ((1, 9, 9, 1, 8), 5, 2, "height"),
+])
+def test_kernel_larger_than_map_is_refused(shape, ks, dil, message):
+  q, k, v = random_qkv(jax.random.key(0), shape)
+  with pytest.raises(ValueError, match=message):
+    na.na2d(q, k, v, ks, dil)
+
+
+def test_unknown_implementation_is_refused():
+  q, k, v = random_qkv(jax.random.key(0), (1, 8, 8, 1, 8))
+  with pytest.raises(ValueError, match="implementation"):
+    na.na2d(q, k, v, 3, implementation="cuda")
