@@ -177,15 +177,16 @@ def load_weights(path: str, **overrides: Any) -> tuple[nnx.Module, dict[str, Any
   return model, model_cfg
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("output", None, "File to write.")
-flags.DEFINE_string("config", None, "k-diffusion JSON config (import), if the checkpoint has none.")
-flags.DEFINE_bool("ema", True, "Import the EMA weights of a training checkpoint.")
-flags.DEFINE_bool("allow_pickle", False, "Allow reading pickled .pth files (runs their code).")
-flags.DEFINE_enum("dtype", "fp32", list(_DTYPES), "Export dtype.")
+def _define_flags() -> None:
+  flags.DEFINE_string("output", None, "File to write.")
+  flags.DEFINE_string("config", None, "k-diffusion JSON config (import), if the checkpoint has none.")
+  flags.DEFINE_bool("ema", True, "Import the EMA weights of a training checkpoint.")
+  flags.DEFINE_bool("allow_pickle", False, "Allow reading pickled .pth files (runs their code).")
+  flags.DEFINE_enum("dtype", "fp32", list(_DTYPES), "Export dtype.")
 
 
 def main(argv: list[str]) -> None:
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) != 3 or argv[1] not in ("import", "export") or not FLAGS.output:
     raise app.UsageError("usage: python -m hdit_jax.convert import|export INPUT --output OUTPUT")
   command, source = argv[1], argv[2]
@@ -200,4 +201,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -142,17 +142,17 @@ def format_table(counts: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `model` section.")
-_JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
-
-
 def main(argv: list[str]) -> None:
   del argv
-  if _CONFIG.value is None:
+  config = flags.FLAGS.config
+  if config is None:
     raise app.UsageError("--config is required")
-  counts = count(_CONFIG.value.model)
-  print(json.dumps(counts, indent=1) if _JSON.value else format_table(counts))
+  counts = count(config.model)
+  print(json.dumps(counts, indent=1) if flags.FLAGS.json else format_table(counts))
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that other entry points can import this module.
+  config_flags.DEFINE_config_file("config", None, "Config file with a `model` section.")
+  flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
   app.run(main)

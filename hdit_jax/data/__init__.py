@@ -1,0 +1,1 @@
+"""Input pipelines: tfds sources, image folders, embedded datasets, augmentation."""
