@@ -36,6 +36,11 @@ def hdit_model(**overrides) -> ml_collections.ConfigDict:
       remat=False,
       attention_implementation="",   # '' picks the best neighborhood-attention kernel
   ))
+  # Per-level settings that the caller leaves out follow the number of levels it asks for.
+  n = len(overrides.get("depths", model.depths))
+  defaults = dict(attention=("neighborhood",) * (n - 1) + ("global",), d_heads=(64,) * n,
+                  kernel_sizes=(7,) * n, window_sizes=(8,) * n, dropout_rate=(0.0,) * n)
+  model.update({k: v for k, v in defaults.items() if k not in overrides})
   model.update(overrides)
   return model
 
@@ -89,12 +94,19 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.training = ml_collections.ConfigDict(dict(
       num_steps=1_000_000, grad_accum_steps=1, log_every=100, checkpoint_every=10_000,
-      keep_checkpoints=3, keep_every=100_000, sample_every=10_000, num_sample_images=64))
+      keep_checkpoints=3, keep_every=100_000, sample_every=10_000, num_sample_images=64,
+      peak_tflops=0.0,                 # 0: from the device kind (for MFU)
+      profile_steps=(0, 0)))           # (first step, number of steps) to trace; 0 steps: off
 
   c.sampling = ml_collections.ConfigDict(dict(
       sampler="dpmpp_3m_sde", steps=50, eta=1.0, rho=7.0, guidance_scale=1.0,
+      guidance_interval=(),            # (sigma_lo, sigma_hi): guide only inside; () everywhere
       sigma_min=0.01, sigma_max=0.0))  # 0: diffusion.sigma_max
 
-  # Mesh axes; one of them -1 takes the devices that remain.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axes; one of them -1 takes the devices that remain. dcn_data > 1: multislice.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
+  # Logical axis names of the parameters -> mesh axes (FSDP over `fsdp`, Megatron-style
+  # splits over `tensor`); the batch is split over (data, fsdp).
+  c.sharding_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
+                      ("heads", "tensor"), ("mapping", None), ("classes", None))
   return c

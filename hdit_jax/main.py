@@ -1,60 +1,59 @@
-"""Entry point: python -m hdit_jax.main --config=configs/quickstart.py [--workdir=DIR].
+"""Entry point: train, sample, or export, from an ml_collections config.
 
-Training is not implemented yet: this builds the configured model, prints its parameter and
-FLOP counts, and runs one jitted forward pass of the EDM denoiser on a batch of data.
+  python -m hdit_jax.main --config=configs/imagenet256.py --workdir=gs://BUCKET/run
+  python -m hdit_jax.main --config=configs/quickstart.py --workdir=/tmp/q --mode=sample
+
+Run the same command on every host of a TPU slice; `jax.distributed.initialize()` finds the
+others (it is skipped on one host).
 """
 
-import time
+import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
-from flax import nnx
+from absl import app, flags, logging
 from ml_collections import config_flags
-
-from hdit_jax import flops
-from hdit_jax.data.embedded import load_embedded
-from hdit_jax.diffusion.preconditioning import denoise
-from hdit_jax.models import build_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (local or gs://).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory, local or gs://.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "export"],
+                          "train: train (resuming from the latest checkpoint); sample: write a "
+                          "grid and an .npz from the latest checkpoint's EMA weights; export: "
+                          "write the EMA weights as an hdit-jax weight file.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "sample: number of images.")
+_SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 
 
-def example_batch(config, batch_size: int) -> tuple[jax.Array, jax.Array | None]:
-  """Images in [-1, 1] (NHWC) and labels: the embedded dataset, or noise for other sources."""
-  h, w = config.model.input_size
-  c = config.model.input_channels
-  if config.data.source == "embedded":
-    images, labels, _ = load_embedded(config.data.name)
-    images = images[:batch_size].astype(np.float32) / 127.5 - 1
-    return jnp.asarray(images), jnp.asarray(labels[:batch_size])
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, max(config.model.num_classes, 1), batch_size)
-  return jnp.asarray(rng.uniform(-1, 1, (batch_size, h, w, c)), jnp.float32), jnp.asarray(labels)
+def initialize_distributed() -> None:
+  """Join the other hosts (TPU slices, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS)."""
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    # Nothing announces other processes: a single host. A multi-host environment must not
+    # silently fall back to independent runs.
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get(
+        "JAX_COORDINATOR_ADDRESS"):
+      raise
+    logging.info("single host (%s)", e)
 
 
 def main(argv):
   del argv
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required")
+  initialize_distributed()
+  logging.info("JAX %s: process %d of %d, %d devices", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.device_count())
   config = _CONFIG.value
-  counts = flops.count(config.model)
-  print(flops.format_table(counts))
-
-  model = build_model(config.model, rngs=nnx.Rngs(config.seed))
-  images, labels = example_batch(config, min(config.data.batch_size, 8))
-  sigma = jnp.full((images.shape[0],), 1.0)
-  cond = {"class_cond": labels} if config.model.num_classes else {}
-
-  @nnx.jit
-  def forward(model, x, sigma, cond):
-    return denoise(model, x, sigma, config.diffusion.sigma_data, **cond)
-
-  start = time.perf_counter()
-  out = jax.block_until_ready(forward(model, images, sigma, cond))
-  print(f"\nforward pass on {jax.devices()[0].platform}: batch {tuple(images.shape)} -> "
-        f"{tuple(out.shape)} in {time.perf_counter() - start:.2f} s (with compilation)")
+  if _MODE.value == "train":
+    from hdit_jax.training.trainer import train  # pylint: disable=import-outside-toplevel
+    train(config, _WORKDIR.value)
+  else:
+    from hdit_jax.sampling import cli  # pylint: disable=import-outside-toplevel
+    if _MODE.value == "sample":
+      cli.sample_from_workdir(config, _WORKDIR.value, _NUM_IMAGES.value, _SEED.value)
+    else:
+      cli.export_from_workdir(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,28 @@
 """k-diffusion's samplers (`k_diffusion/sampling.py`, spec section 5.2) as pure, jit-able JAX.
 
 Every sampler is `sample_<name>(denoiser, x, sigmas, *, key=None, noise_fn=None, **options)` with
-k-diffusion's defaults, where `denoiser(x, sigma_batch) -> denoised` (sigma_batch [B]), `x` the start
-(x_T = noise * sigmas[0]) of shape [B, ...] in any layout (NHWC for our models), and `sigmas` [n + 1]
-decreasing, usually ending in 0 (see `schedules`). The steps run in one `lax.scan`; a branch that
-costs an extra denoiser call (e.g. Heun's correction, skipped on the step to sigma = 0) is a
-`lax.cond`. The arithmetic follows k-diffusion's order of operations so that float32 results agree
-with PyTorch's to ~1e-7 and float64 ones to ~1e-15. `dpm_fast` / `dpm_adaptive` (in `dpm_solver.py`)
-take `(sigma_min, sigma_max[, n])` instead of `sigmas`, as in k-diffusion.
+k-diffusion's defaults: `denoiser(x, sigma_batch) -> denoised` (sigma_batch [B]); `x` [B, ...] the
+start x_T = noise * sigmas[0], in any layout (NHWC for our models); `sigmas` [n + 1] decreasing,
+usually ending in 0 (see `schedules`). The n steps run in one `lax.scan`; branches with extra
+denoiser or noise calls (e.g. Heun's correction, skipped on the step to sigma = 0) are `lax.cond`s.
+The arithmetic follows k-diffusion's order of operations, so float32 results agree with PyTorch's to
+~1e-7 and float64 ones to ~1e-15. `dpm_fast` / `dpm_adaptive` (in `dpm_solver.py`) take
+`(sigma_min, sigma_max[, n])` instead of `sigmas`, as in k-diffusion.
 
-Noise: stochastic samplers take a `jax.random` key; noise call i (in k-diffusion's call order, counting
-only the calls k-diffusion makes) draws N(0, I) from `fold_in(key, i)`. `noise_fn(i, sigma, sigma_next)`
-replaces the draws (e.g. to replay PyTorch's noise). The churn samplers (euler, heun, dpm_2) draw one
-normal every step, used only where gamma > 0, as k-diffusion's `randn_like`. k-diffusion's SDE samplers
-(dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde) default to a Brownian-tree noise sampler; here they use i.i.d.
-normals, whose distribution is the same for a fixed schedule (the Brownian tree only makes the noise
-consistent across different schedules of one seed).
+Noise: stochastic samplers take a `jax.random` key; noise call i (in k-diffusion's call order,
+counting only the calls it makes) draws N(0, I) from `fold_in(key, i)`, and
+`noise_fn(i, sigma, sigma_next)` can replace the draws (e.g. to replay PyTorch's noise). The churn
+samplers (euler, heun, dpm_2 with s_churn > 0) draw one normal every step, used only where
+gamma > 0, as k-diffusion's `randn_like`. k-diffusion's SDE samplers (dpmpp_sde, dpmpp_2m_sde,
+dpmpp_3m_sde) default to a Brownian-tree noise sampler; here they use i.i.d. normals, which have the
+same distribution for a fixed schedule (the tree only makes one seed's noise consistent across
+different schedules).
 
 With `return_trajectory=True` a sampler returns `(x, trajectory)`, trajectory [n + 1, B, ...]: x at
 the start of each step (k-diffusion's callback `x`, after churn noise), then the result.
 """
 
+import functools
 import numbers
 
 import jax
@@ -31,13 +33,6 @@ from jax import lax
 from hdit_jax.diffusion.dpm_solver import (Denoiser, NoiseFn, call_denoiser, get_ancestral_step,
                                            is_zero, noise_source, sample_dpm_adaptive,
                                            sample_dpm_fast, working_dtype)
-
-__all__ = ["SAMPLERS", "STOCHASTIC", "get_ancestral_step", "lms_coeffs", "to_d"] + [
-    f"sample_{name}" for name in (
-        "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast",
-        "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde",
-        "dpmpp_3m_sde")]
-
 
 def to_d(x: jax.Array, sigma: jax.Array, denoised: jax.Array) -> jax.Array:
   """Karras ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (sigma a scalar)."""
@@ -55,6 +50,12 @@ def _t_fn(sigma):
 def _setup(x, sigmas):
   dtype = working_dtype(x)
   return jnp.asarray(x, dtype), jnp.asarray(sigmas, dtype)
+
+
+def _named(fn, name: str, doc: str):
+  fn.__name__ = fn.__qualname__ = name
+  fn.__doc__ = doc
+  return fn
 
 
 def _scan(step, carry, n: int, return_trajectory: bool):
@@ -118,12 +119,12 @@ def _churn_sampler(method: str):
   return sampler
 
 
-sample_euler = _churn_sampler("euler")
-sample_euler.__doc__ = """Euler steps, Karras et al. (2022) Alg. 2 with optional churn (1 NFE/step)."""
-sample_heun = _churn_sampler("heun")
-sample_heun.__doc__ = """Heun steps, Karras et al. (2022) Alg. 2 (2 NFE/step, Euler to sigma = 0)."""
-sample_dpm_2 = _churn_sampler("dpm_2")
-sample_dpm_2.__doc__ = """DPM-Solver-2-like midpoint steps at sqrt(sigma_hat sigma_next) + churn."""
+sample_euler = _named(_churn_sampler("euler"), "sample_euler",
+    "Euler steps, Karras et al. (2022) Alg. 2 with optional churn (1 NFE/step).")
+sample_heun = _named(_churn_sampler("heun"), "sample_heun",
+    "Heun steps, Karras et al. (2022) Alg. 2 (2 NFE/step, Euler to sigma = 0).")
+sample_dpm_2 = _named(_churn_sampler("dpm_2"), "sample_dpm_2",
+    "DPM-Solver-2-like midpoint steps at sqrt(sigma_hat sigma_next) + churn.")
 
 
 # -- Ancestral samplers ---------------------------------------------------------------------------
@@ -163,25 +164,27 @@ def _ancestral_sampler(method: str):
           denoised_2 = call_denoiser(denoiser, x_2, _sigma_fn(s))
           return (_sigma_fn(t_next) / _sigma_fn(t)) * x - jnp.expm1(-h) * denoised_2
         x_new, noisy = lax.cond(sigma_down == 0, euler, dpmpp_2s), sigma_next > 0
-      x_noisy = x_new + noise(count, sigma, sigma_next) * s_noise * sigma_up
-      return (jnp.where(noisy, x_noisy, x_new), count + noisy.astype(jnp.int32)), x
+      x_new = lax.cond(noisy, lambda: x_new + noise(count, sigma, sigma_next) * s_noise * sigma_up,
+                       lambda: x_new)
+      return (x_new, count + noisy.astype(jnp.int32)), x
 
     return _scan(step, (x, jnp.int32(0)), sigmas.shape[0] - 1, return_trajectory)
 
   return sampler
 
 
-sample_euler_ancestral = _ancestral_sampler("euler")
-sample_euler_ancestral.__doc__ = """Ancestral sampling with Euler steps (1 NFE/step)."""
-sample_dpm_2_ancestral = _ancestral_sampler("dpm_2")
-sample_dpm_2_ancestral.__doc__ = """Ancestral sampling with DPM-2-like midpoint steps (2 NFE/step)."""
-sample_dpmpp_2s_ancestral = _ancestral_sampler("dpmpp_2s")
-sample_dpmpp_2s_ancestral.__doc__ = """Ancestral sampling with DPM-Solver++(2S) steps (2 NFE/step)."""
+sample_euler_ancestral = _named(_ancestral_sampler("euler"), "sample_euler_ancestral",
+    "Ancestral sampling with Euler steps (1 NFE/step).")
+sample_dpm_2_ancestral = _named(_ancestral_sampler("dpm_2"), "sample_dpm_2_ancestral",
+    "Ancestral sampling with DPM-2-like midpoint steps (2 NFE/step).")
+sample_dpmpp_2s_ancestral = _named(_ancestral_sampler("dpmpp_2s"), "sample_dpmpp_2s_ancestral",
+    "Ancestral sampling with DPM-Solver++(2S) steps (2 NFE/step).")
 
 
 # -- Linear multistep -----------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames="order")
 def lms_coeffs(sigmas: jax.Array, order: int = 4) -> jax.Array:
   """LMS coefficients [n, order]: c[i, j] multiplies the derivative of step i - j.
 
@@ -304,23 +307,26 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas: jax.Array, *, 
     x, old_denoised, h_last, count = carry
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     denoised = call_denoiser(denoiser, x, sigma)
-    t, s = -jnp.log(sigma), -jnp.log(sigma_next)
-    h = s - t
-    eta_h = eta * h
-    x_new = sigma_next / sigma * jnp.exp(-eta_h) * x + -jnp.expm1(-h - eta_h) * denoised
-    r = h_last / h
-    if solver_type == "heun":
-      coef = (-jnp.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r)
-    else:
-      coef = 0.5 * -jnp.expm1(-h - eta_h) * (1 / r)
-    x_new = jnp.where(i > 0, x_new + coef * (denoised - old_denoised), x_new)
-    if noisy:
-      z = noise(count, sigma, sigma_next)
-      x_new = x_new + z * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
-    last = sigma_next == 0
-    x_new = jnp.where(last, denoised, x_new)  # the masked branch may be inf/nan
-    count = count + jnp.where(last | (not noisy), 0, 1).astype(jnp.int32)
-    return (x_new, denoised, jnp.where(last, h_last, h), count), x
+
+    def sde():
+      t, s = -jnp.log(sigma), -jnp.log(sigma_next)
+      h = s - t
+      eta_h = eta * h
+      x_new = sigma_next / sigma * jnp.exp(-eta_h) * x + -jnp.expm1(-h - eta_h) * denoised
+      r = h_last / h
+      if solver_type == "heun":
+        coef = (-jnp.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r)
+      else:
+        coef = 0.5 * -jnp.expm1(-h - eta_h) * (1 / r)
+      x_new = jnp.where(i > 0, x_new + coef * (denoised - old_denoised), x_new)  # i = 0: r = 0
+      if noisy:
+        z = noise(count, sigma, sigma_next)
+        x_new = x_new + z * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
+      return x_new, h, count + int(noisy)
+
+    # The step to sigma = 0 returns D (no noise) and keeps h_last, as k-diffusion.
+    x, h_last, count = lax.cond(sigma_next == 0, lambda: (denoised, h_last, count), sde)
+    return (x, denoised, h_last, count), carry[0]
 
   zero = jnp.zeros((), x.dtype)
   return _scan(step, (x, jnp.zeros_like(x), zero, jnp.int32(0)), sigmas.shape[0] - 1,
@@ -338,32 +344,34 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: jax.Array, sigmas: jax.Array, *, 
   noise = noise_source(key, noise_fn, x, needed=noisy)
 
   def step(carry, i):
-    x, den_1, den_2, h_prev, h_1, h_2, count = carry
+    x, den_1, den_2, h, h_1, h_2, count = carry
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     denoised = call_denoiser(denoiser, x, sigma)
-    t, s = -jnp.log(sigma), -jnp.log(sigma_next)
-    h = s - t
-    h_eta = h * (eta + 1)
-    x_new = jnp.exp(-h_eta) * x + -jnp.expm1(-h_eta) * denoised
-    phi_2 = jnp.expm1(-h_eta) / h_eta + 1
-    # Three-point (i >= 2) and two-point (i == 1) multistep corrections.
-    r0, r1 = h_1 / h, h_2 / h
-    d1_0 = (denoised - den_1) / r0
-    d1_1 = (den_1 - den_2) / r1
-    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
-    phi_3 = phi_2 / h_eta - 0.5
-    x_3 = x_new + phi_2 * d1 - phi_3 * d2
-    x_2 = x_new + phi_2 * ((denoised - den_1) / (h_1 / h))
-    x_new = jnp.where(i >= 2, x_3, jnp.where(i == 1, x_2, x_new))
-    if noisy:
-      z = noise(count, sigma, sigma_next)
-      x_new = x_new + z * sigma_next * jnp.sqrt(-jnp.expm1(-2 * h * eta)) * s_noise
-    last = sigma_next == 0
-    x_new = jnp.where(last, denoised, x_new)  # the masked branches may be inf/nan
-    h = jnp.where(last, h_prev, h)  # k-diffusion keeps the previous h on the step to 0
-    count = count + jnp.where(last | (not noisy), 0, 1).astype(jnp.int32)
-    return (x_new, denoised, den_1, h, h, h_1, count), x
+
+    def sde():
+      t, s = -jnp.log(sigma), -jnp.log(sigma_next)
+      h = s - t
+      h_eta = h * (eta + 1)
+      x_new = jnp.exp(-h_eta) * x + -jnp.expm1(-h_eta) * denoised
+      phi_2 = jnp.expm1(-h_eta) / h_eta + 1
+      # Three-point (i >= 2) and two-point (i == 1) multistep corrections; masked ones may be nan.
+      r0, r1 = h_1 / h, h_2 / h
+      d1_0 = (denoised - den_1) / r0
+      d1_1 = (den_1 - den_2) / r1
+      d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+      d2 = (d1_0 - d1_1) / (r0 + r1)
+      phi_3 = phi_2 / h_eta - 0.5
+      x_3 = x_new + phi_2 * d1 - phi_3 * d2
+      x_2 = x_new + phi_2 * ((denoised - den_1) / (h_1 / h))
+      x_new = jnp.where(i >= 2, x_3, jnp.where(i == 1, x_2, x_new))
+      if noisy:
+        z = noise(count, sigma, sigma_next)
+        x_new = x_new + z * sigma_next * jnp.sqrt(-jnp.expm1(-2 * h * eta)) * s_noise
+      return x_new, h, count + int(noisy)
+
+    # The step to sigma = 0 returns D (no noise) and keeps the previous h, as k-diffusion.
+    x, h, count = lax.cond(sigma_next == 0, lambda: (denoised, h, count), sde)
+    return (x, denoised, den_1, h, h, h_1, count), carry[0]
 
   zero = jnp.zeros((), x.dtype)
   init = (x, jnp.zeros_like(x), jnp.zeros_like(x), zero, zero, zero, jnp.int32(0))

@@ -1,0 +1,1 @@
+"""Training: state, optimizer groups, EMA, sharding, the jitted step, checkpoints, metrics."""

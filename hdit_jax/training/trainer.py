@@ -1,0 +1,131 @@
+"""The training loop: data, sharded state, the jitted step, checkpoints, measurements, samples.
+
+Read top to bottom, this is the whole run. `python -m hdit_jax.main --config=... --workdir=...`
+calls `train(config, workdir)` on every host.
+"""
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import logging
+
+from hdit_jax import flops as flops_lib
+from hdit_jax.data.pipeline import make_loader
+from hdit_jax.sampling import generate, grid
+from hdit_jax.training import checkpoint as ckpt_lib
+from hdit_jax.training import mesh as mesh_lib
+from hdit_jax.training import metrics as metrics_lib
+from hdit_jax.training import state as state_lib
+from hdit_jax.training.export import export_ema
+from hdit_jax.training.step import make_train_step
+from hdit_jax.training.validate import validate_config
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding):
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def train(config: Any, workdir: str) -> state_lib.TrainState:
+  validate_config(config, jax.device_count(), jax.process_count())
+  is_host0 = jax.process_index() == 0
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = dict(config.sharding_rules)
+  logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(),
+               jax.devices()[0].device_kind)
+
+  model_def, abstract_state, shardings, tx, init = state_lib.setup(config, mesh, rules)
+  loader, num_classes = make_loader(config, seed=config.seed)
+  if config.model.get("num_classes", 0) and num_classes > config.model.num_classes:
+    raise ValueError(f"the dataset has {num_classes} classes but model.num_classes is "
+                     f"{config.model.num_classes}")
+  data_iterator = iter(loader)
+
+  training = config.training
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=training.keep_checkpoints, keep_every=training.keep_every)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(abstract_state, data_iterator)
+  else:
+    state = init()
+  start_step = int(state.step)
+
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  sigma_groups = mesh.shape["data"] * mesh.shape["fsdp"]
+  train_step = jax.jit(make_train_step(config, model_def, tx, sigma_groups),
+                       in_shardings=(shardings, batch_sharding, mesh_lib.replicated(mesh)),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  base_key = jax.random.key(config.seed)
+
+  forward_gmacs = flops_lib.count(config.model)["gmacs_per_image"]
+  flops_per_step = metrics_lib.train_flops_per_image(forward_gmacs) * config.data.batch_size
+  peak = metrics_lib.peak_flops(jax.devices()[0], training.get("peak_tflops", 0.0))
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_host0)
+  watcher = ckpt_lib.PreemptionWatcher(checkpointer.manager)
+  profile_start, profile_steps = training.profile_steps
+  progress = tqdm.tqdm(total=training.num_steps, initial=start_step, disable=not is_host0,
+                       dynamic_ncols=True)
+
+  last_time, last_step = time.perf_counter(), start_step
+  step = start_step
+  try:
+    while step < training.num_steps:
+      if profile_steps and step == profile_start:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+      batch = _global_batch(next(data_iterator), batch_sharding)
+      state, measurements = train_step(state, batch, base_key)
+      step += 1
+      if profile_steps and step == profile_start + profile_steps:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+
+      if step % training.log_every == 0 or step == training.num_steps:
+        measurements = jax.device_get(measurements)   # blocks: the timing below is honest
+        now = time.perf_counter()
+        seconds_per_step = (now - last_time) / (step - last_step)
+        images_per_second = config.data.batch_size / seconds_per_step
+        tflops = flops_per_step / seconds_per_step / jax.device_count() / 1e12
+        measurements.update(step_time=seconds_per_step, images_per_second=images_per_second,
+                            tflops_per_device=tflops)
+        if peak:
+          measurements["mfu"] = tflops * 1e12 / peak
+        writer.scalars(step, measurements)
+        progress.set_postfix(loss=f"{measurements['loss']:.4f}",
+                             img_s=f"{images_per_second:.1f}")
+        last_time, last_step = time.perf_counter(), step
+      progress.update(1)
+
+      if training.sample_every and step % training.sample_every == 0:
+        _write_samples(config, model_def, state, step, workdir, writer, is_host0)
+      preempted = watcher.preempted(step)
+      if step % training.checkpoint_every == 0 or step == training.num_steps or preempted:
+        checkpointer.save(step, state, data_iterator)
+      if preempted:
+        checkpointer.wait()
+        logging.warning("preempted at step %d: checkpoint saved, exiting", step)
+        return state
+    export_ema(config, model_def, state, os.path.join(workdir, f"ema_{step:08d}.safetensors"),
+               write=is_host0)
+  finally:
+    checkpointer.close()
+    watcher.close()
+    writer.close()
+    progress.close()
+  return state
+
+
+def _write_samples(config, model_def, state, step, workdir, writer, is_host0):
+  """A grid of samples from the EMA weights (PNG in workdir/samples, and to TensorBoard)."""
+  model = model_def.merge(state.ema, state.buffers, deterministic=True)
+  images = generate.generate(model, config, jax.random.key(config.seed + 1),
+                             int(config.training.num_sample_images))
+  images = jax.device_get(images)
+  if is_host0:
+    picture = grid.image_grid(np.asarray(images))
+    path = os.path.join(workdir, "samples", f"samples_{step:08d}.png")
+    grid.save_png(picture, path)
+    writer.image(step, "samples", picture)

@@ -1,0 +1,80 @@
+"""Config checks that run before anything is compiled, each error naming the offending key."""
+
+from typing import Any
+
+from hdit_jax.config import base_config
+from hdit_jax.diffusion.densities import DENSITIES
+from hdit_jax.diffusion.losses import WEIGHTINGS
+from hdit_jax.training.mesh import mesh_shape
+
+# Sections whose keys must be a subset of the base config's (the model section has its own
+# checks in the model specs).
+_CHECKED_SECTIONS = ("diffusion", "optimizer", "ema", "data", "training", "sampling", "mesh")
+
+
+def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
+  unknown = []
+  for key in config.keys():
+    if key not in reference:
+      unknown.append(prefix + key)
+    elif hasattr(config[key], "keys") and hasattr(reference[key], "keys"):
+      unknown += _unknown_keys(config[key], reference[key], f"{prefix}{key}.")
+  return unknown
+
+
+def validate_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
+  """Raise ValueError for the first class of problems found in `config`."""
+  base = base_config()
+  unknown = [k for k in config.keys() if k not in base]
+  for section in _CHECKED_SECTIONS:
+    if section in config:
+      unknown += _unknown_keys(config[section], base[section], f"{section}.")
+  if unknown:
+    raise ValueError(f"unknown config keys: {sorted(unknown)}")
+
+  model = config.model
+  kind = model.get("type", "hdit")
+  height, width = tuple(model.input_size)
+  if kind == "hdit":
+    from hdit_jax.models.spec import hdit_spec_from_config  # pylint: disable=import-outside-toplevel
+    hdit_spec_from_config(model).token_grids(height, width)
+  elif kind == "dit":
+    from hdit_jax.models.dit import dit_spec_from_config  # pylint: disable=import-outside-toplevel
+    spec = dit_spec_from_config(model)
+    if height % spec.patch_size or width % spec.patch_size:
+      raise ValueError(f"model.input_size {height}x{width} is not divisible by the DiT patch "
+                       f"size {spec.patch_size}")
+  else:
+    raise ValueError(f"model.type must be 'hdit' or 'dit', got {kind!r}")
+  if int(config.data.image_size) != height or height != width:
+    raise ValueError(f"data.image_size = {config.data.image_size} must equal the square "
+                     f"model.input_size = {tuple(model.input_size)}")
+
+  sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape(config.mesh, num_devices)))
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  accum = int(config.training.grad_accum_steps)
+  batch = int(config.data.batch_size)
+  if accum < 1:
+    raise ValueError(f"training.grad_accum_steps must be >= 1, got {accum}")
+  if batch % (batch_shards * accum):
+    raise ValueError(f"data.batch_size = {batch} cannot be split over the mesh's "
+                     f"{batch_shards} batch shards (data x fsdp) x {accum} accumulation steps")
+  if batch % num_processes:
+    raise ValueError(f"data.batch_size = {batch} is not divisible by {num_processes} hosts")
+
+  diffusion = config.diffusion
+  if diffusion.loss_weighting not in WEIGHTINGS:
+    raise ValueError(f"diffusion.loss_weighting {diffusion.loss_weighting!r} is not one of "
+                     f"{WEIGHTINGS}")
+  if diffusion.sigma_density.type not in DENSITIES:
+    raise ValueError(f"diffusion.sigma_density.type {diffusion.sigma_density.type!r} is not "
+                     f"one of {DENSITIES}")
+  if diffusion.sigma_data <= 0 or not 0 < diffusion.sigma_min < diffusion.sigma_max:
+    raise ValueError("diffusion needs sigma_data > 0 and 0 < sigma_min < sigma_max")
+  if not 0 <= diffusion.cond_dropout_rate < 1:
+    raise ValueError("diffusion.cond_dropout_rate must be in [0, 1)")
+  if config.data.source not in ("tfds", "folder", "embedded"):
+    raise ValueError(f"data.source must be 'tfds', 'folder' or 'embedded', got "
+                     f"{config.data.source!r}")
+  if int(config.training.num_steps) < 1:
+    raise ValueError("training.num_steps must be >= 1")
