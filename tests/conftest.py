@@ -4,7 +4,10 @@ import json
 import os
 import pathlib
 
-import jax
+# Eight CPU devices for the sharding tests; read when JAX first starts its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # pylint: disable=wrong-import-position
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy

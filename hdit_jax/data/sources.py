@@ -41,7 +41,11 @@ class EmbeddedSource:
   """An embedded dataset (see `embedded.py`) as a random-access source."""
 
   def __init__(self, name: str):
+    self.name = name
     self.images, self.labels, self.num_classes = load_embedded(name)
+
+  def __repr__(self) -> str:   # grain checks it when restoring an iterator
+    return f"EmbeddedSource({self.name!r})"
 
   def __len__(self) -> int:
     return len(self.images)
@@ -70,6 +74,10 @@ class ImageFolderSource:
       raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     self.class_names = classes
     self.num_classes = len(classes)
+    self.root = root
+
+  def __repr__(self) -> str:
+    return f"ImageFolderSource({self.root!r}, {len(self.files)} images)"
 
   def __len__(self) -> int:
     return len(self.files)
@@ -88,6 +96,10 @@ class TfdsSource:
     label = self.source.dataset_info.features.get("label") if hasattr(
         self.source.dataset_info.features, "get") else None
     self.num_classes = int(getattr(label, "num_classes", 0) or 0)
+    self.description = f"TfdsSource({name!r}, {split!r})"
+
+  def __repr__(self) -> str:
+    return self.description
 
   def __len__(self) -> int:
     return len(self.source)
@@ -105,6 +117,9 @@ class DecodedSource:
     self.source, self.channels, self.transform = source, channels, transform
     self.max_skips = max_skips
     self.skipped = 0
+
+  def __repr__(self) -> str:
+    return f"DecodedSource({self.source!r}, channels={self.channels})"
 
   def __len__(self) -> int:
     return len(self.source)

@@ -16,17 +16,23 @@ from absl import logging
 
 
 class Checkpointer:
-  """Saves the steps it is given and restores the latest complete one, onto any mesh."""
+  """Saves the steps it is given and restores the latest complete one, onto any mesh.
+
+  `use_ocdbt` (orbax's default format, few large files) can be turned off for storage that
+  does not implement GCS's object generations fully (the local GCS emulator).
+  """
 
   def __init__(self, directory: str, *, keep: int, keep_every: int | None = None,
-               asynchronous: bool = True):
+               asynchronous: bool = True, use_ocdbt: bool = True):
     options = ocp.CheckpointManagerOptions(
         # The loop decides when to save; orbax keeps and deletes.
         save_interval_steps=1, max_to_keep=keep, keep_period=keep_every or None,
         enable_async_checkpointing=asynchronous, create=True)
     try:
-      self.manager = ocp.CheckpointManager(directory, options=options,
-                                           item_names=("state", "data"))
+      self.manager = ocp.CheckpointManager(
+          directory, options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt),
+                         "data": grain.checkpoint.CheckpointHandler()})
     except Exception as e:  # pylint: disable=broad-except
       raise OSError(f"cannot open the checkpoint directory {directory}: "
                     f"{type(e).__name__}: {e}") from e

@@ -71,8 +71,8 @@ def make_train_step(config: Any, model_def: ModelDef, tx: optax.GradientTransfor
     decay = ema_decay(state.step, config.ema.power, config.ema.max_value)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema=ema_update(state.ema, params, decay))
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "update_norm": optax.global_norm(updates), "ema_decay": decay,
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates), "ema_decay": decay,
                "lr": learning_rate(config.optimizer)(state.step)}
     return new_state, metrics
 

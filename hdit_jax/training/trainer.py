@@ -30,13 +30,16 @@ def _global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedShar
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def train(config: Any, workdir: str) -> state_lib.TrainState:
-  validate_config(config, jax.device_count(), jax.process_count())
+def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
+          ) -> state_lib.TrainState:
+  """Train (resuming from the latest checkpoint in workdir) on `devices` (default: all)."""
+  devices = devices or jax.devices()
+  validate_config(config, len(devices), jax.process_count())
   is_host0 = jax.process_index() == 0
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = dict(config.sharding_rules)
-  logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(),
-               jax.devices()[0].device_kind)
+  logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), len(devices),
+               devices[0].device_kind)
 
   model_def, abstract_state, shardings, tx, init = state_lib.setup(config, mesh, rules)
   loader, num_classes = make_loader(config, seed=config.seed)
@@ -47,7 +50,8 @@ def train(config: Any, workdir: str) -> state_lib.TrainState:
 
   training = config.training
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=training.keep_checkpoints, keep_every=training.keep_every)
+      os.path.join(workdir, "checkpoints"), keep=training.keep_checkpoints,
+      keep_every=training.keep_every, use_ocdbt=training.checkpoint_ocdbt)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(abstract_state, data_iterator)
   else:
@@ -63,7 +67,7 @@ def train(config: Any, workdir: str) -> state_lib.TrainState:
 
   forward_gmacs = flops_lib.count(config.model)["gmacs_per_image"]
   flops_per_step = metrics_lib.train_flops_per_image(forward_gmacs) * config.data.batch_size
-  peak = metrics_lib.peak_flops(jax.devices()[0], training.get("peak_tflops", 0.0))
+  peak = metrics_lib.peak_flops(devices[0], training.get("peak_tflops", 0.0))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_host0)
   watcher = ckpt_lib.PreemptionWatcher(checkpointer.manager)
   profile_start, profile_steps = training.profile_steps
@@ -88,7 +92,7 @@ def train(config: Any, workdir: str) -> state_lib.TrainState:
         now = time.perf_counter()
         seconds_per_step = (now - last_time) / (step - last_step)
         images_per_second = config.data.batch_size / seconds_per_step
-        tflops = flops_per_step / seconds_per_step / jax.device_count() / 1e12
+        tflops = flops_per_step / seconds_per_step / len(devices) / 1e12
         measurements.update(step_time=seconds_per_step, images_per_second=images_per_second,
                             tflops_per_device=tflops)
         if peak:
