@@ -82,9 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict(dict(power=0.75, max_value=0.9999))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds",                   # tfds | folder | embedded
+      source="tfds",                   # tfds | folder | embedded | synthetic
       name="imagenet2012",             # tfds name, folder path, or embedded dataset name
       split="train",
+      data_dir="",                     # tfds data_dir ('' : the tfds default)
       image_size=256,
       augment_prob=0.0,                # non-leaky augmentation (9-dim aug_cond)
       hflip=False,

@@ -43,7 +43,7 @@ def make_loader(config: Any, seed: int, *, num_epochs: int | None = None,
   """(DataLoader yielding per-host batches {'image', 'label', 'aug_cond'?}, num_classes)."""
   data = config.data
   channels = int(config.model.input_channels)
-  raw = sources.make_source(data)
+  raw = sources.make_source(data, config.model)
   size = int(data.image_size)
   source = sources.DecodedSource(raw, channels,
                                  lambda image: transforms.resize_center_crop(image, size))

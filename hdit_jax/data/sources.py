@@ -15,6 +15,7 @@ from PIL import Image
 
 from hdit_jax.data.embedded import load_embedded
 
+SOURCES = ("tfds", "folder", "embedded", "synthetic")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -93,8 +94,8 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-    label = self.source.dataset_info.features.get("label") if hasattr(
-        self.source.dataset_info.features, "get") else None
+    features = self.source.dataset_info.features
+    label = features["label"] if "label" in features.keys() else None
     self.num_classes = int(getattr(label, "num_classes", 0) or 0)
     self.description = f"TfdsSource({name!r}, {split!r})"
 
@@ -109,6 +110,24 @@ class TfdsSource:
     return {"image": record["image"], "label": record.get("label", 0)}
 
 
+class SyntheticSource:
+  """Deterministic random images (uniform noise per record) for throughput runs and tests."""
+
+  def __init__(self, size: int, channels: int, num_classes: int, length: int = 1_000_000):
+    self.size, self.channels, self.num_classes, self.length = size, channels, num_classes, length
+
+  def __repr__(self) -> str:
+    return f"SyntheticSource({self.size}, {self.channels}, {self.num_classes}, {self.length})"
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    rng = np.random.default_rng(index)
+    image = rng.integers(0, 256, (self.size, self.size, self.channels), dtype=np.uint8)
+    return {"image": image, "label": index % max(self.num_classes, 1)}
+
+
 class DecodedSource:
   """Decodes a source's images; a record that fails is replaced by the next one and counted."""
 
@@ -116,10 +135,15 @@ class DecodedSource:
                max_skips: int = 100):
     self.source, self.channels, self.transform = source, channels, transform
     self.max_skips = max_skips
-    self.skipped = 0
+    self.bad_records: set[int] = set()
 
   def __repr__(self) -> str:
     return f"DecodedSource({self.source!r}, channels={self.channels})"
+
+  @property
+  def skipped(self) -> int:
+    """Distinct unreadable records met so far (in this process)."""
+    return len(self.bad_records)
 
   def __len__(self) -> int:
     return len(self.source)
@@ -131,21 +155,25 @@ class DecodedSource:
       try:
         image = self.transform(decode_image(record["image"], self.channels))
       except Exception as e:  # pylint: disable=broad-except
-        self.skipped += 1
-        name = record["image"] if isinstance(record["image"], str) else f"record {i}"
-        logging.warning("skipping unreadable image %s (%s: %s); %d skipped so far", name,
-                        type(e).__name__, e, self.skipped)
+        if i not in self.bad_records:
+          self.bad_records.add(i)
+          name = record["image"] if isinstance(record["image"], str) else f"record {i}"
+          logging.warning("skipping unreadable image %s (%s: %s); %d found so far", name,
+                          type(e).__name__, e, len(self.bad_records))
         continue
       return {"image": image, "label": np.int32(record["label"])}
     raise RuntimeError(f"{self.max_skips} consecutive unreadable images from index {index}")
 
 
-def make_source(cfg: Any) -> Any:
-  """The configured raw source (`data.source`: tfds | folder | embedded)."""
+def make_source(cfg: Any, model_cfg: Any = None) -> Any:
+  """The configured raw source (`data.source`: tfds | folder | embedded | synthetic)."""
+  if cfg.source == "synthetic":
+    return SyntheticSource(int(cfg.image_size), int(model_cfg.input_channels),
+                           int(model_cfg.get("num_classes", 0)))
   if cfg.source == "embedded":
     return EmbeddedSource(cfg.name)
   if cfg.source == "folder":
     return ImageFolderSource(cfg.name)
   if cfg.source == "tfds":
     return TfdsSource(cfg.name, cfg.split, cfg.get("data_dir") or None)
-  raise ValueError(f"data.source must be 'tfds', 'folder' or 'embedded', got {cfg.source!r}")
+  raise ValueError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")

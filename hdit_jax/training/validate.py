@@ -3,6 +3,7 @@
 from typing import Any
 
 from hdit_jax.config import base_config
+from hdit_jax.data.sources import SOURCES
 from hdit_jax.diffusion.densities import DENSITIES
 from hdit_jax.diffusion.losses import WEIGHTINGS
 from hdit_jax.training.mesh import mesh_shape
@@ -73,8 +74,7 @@ def validate_config(config: Any, num_devices: int, num_processes: int = 1) -> No
     raise ValueError("diffusion needs sigma_data > 0 and 0 < sigma_min < sigma_max")
   if not 0 <= diffusion.cond_dropout_rate < 1:
     raise ValueError("diffusion.cond_dropout_rate must be in [0, 1)")
-  if config.data.source not in ("tfds", "folder", "embedded"):
-    raise ValueError(f"data.source must be 'tfds', 'folder' or 'embedded', got "
-                     f"{config.data.source!r}")
+  if config.data.source not in SOURCES:
+    raise ValueError(f"data.source must be one of {SOURCES}, got {config.data.source!r}")
   if int(config.training.num_steps) < 1:
     raise ValueError("training.num_steps must be >= 1")

@@ -1,0 +1,136 @@
+"""Input pipeline: sources, corrupt images, determinism, augmentation, resumable iterators."""
+
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hdit_jax.config import base_config, hdit_model
+from hdit_jax.data import augment, sources, transforms
+from hdit_jax.data.pipeline import make_loader
+
+
+def folder_config(root, **data):
+  c = base_config()
+  c.model = hdit_model(input_size=(16, 16), input_channels=3, patch_size=(2, 2), depths=(1,),
+                       widths=(16,), d_heads=(8,), num_classes=3)
+  c.data.update(source="folder", name=str(root), image_size=16, batch_size=4, num_workers=0)
+  c.data.update(**data)
+  return c
+
+
+def make_folder(root: pathlib.Path, corrupt: int = 0):
+  rng = np.random.default_rng(0)
+  for label, name in enumerate(("cat", "dog", "eel")):
+    (root / name).mkdir(parents=True)
+    for i in range(4):
+      size = (20 + i, 24) if i % 2 else (24, 20)
+      Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(
+          root / name / f"{i}.png")
+  for i in range(corrupt):
+    (root / "dog" / f"broken{i}.jpg").write_bytes(b"not an image at all")
+
+
+def test_image_folder_labels_and_shapes(tmp_path):
+  make_folder(tmp_path)
+  source = sources.ImageFolderSource(str(tmp_path))
+  assert source.class_names == ["cat", "dog", "eel"] and len(source) == 12
+  loader, num_classes = make_loader(folder_config(tmp_path), seed=0, num_epochs=1)
+  batches = list(loader)
+  assert num_classes == 3 and len(batches) == 3
+  labels = np.concatenate([b["label"] for b in batches])
+  assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+  assert batches[0]["image"].shape == (4, 16, 16, 3)
+  assert batches[0]["image"].dtype == np.float32
+  assert -1 <= batches[0]["image"].min() and batches[0]["image"].max() <= 1
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+  make_folder(tmp_path, corrupt=2)
+  source = sources.DecodedSource(sources.ImageFolderSource(str(tmp_path)), 3,
+                                 lambda im: transforms.resize_center_crop(im, 16))
+  records = [source[i] for i in range(len(source))]
+  assert len(records) == 14 and source.skipped == 2
+  assert all(r["image"].shape == (16, 16, 3) for r in records)
+  loader, _ = make_loader(folder_config(tmp_path), seed=0, num_epochs=1)
+  assert sum(len(b["label"]) for b in loader) == 12   # 14 records, drop_remainder batches of 4
+
+
+def test_missing_folder_and_empty_folder(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    sources.ImageFolderSource(str(tmp_path / "nowhere"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="no images"):
+    sources.ImageFolderSource(str(tmp_path / "empty"))
+
+
+def test_deterministic_given_seed_and_resumable(tmp_path):
+  make_folder(tmp_path)
+  config = folder_config(tmp_path, augment_prob=0.5)
+  first = [b["image"] for _, b in zip(range(4), make_loader(config, seed=3)[0])]
+  again = [b["image"] for _, b in zip(range(4), make_loader(config, seed=3)[0])]
+  other = [b["image"] for _, b in zip(range(4), make_loader(config, seed=4)[0])]
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(first, other))
+  iterator = iter(make_loader(config, seed=3)[0])
+  next(iterator)
+  state = iterator.get_state()
+  resumed = iter(make_loader(config, seed=3)[0])
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["image"], first[1])
+
+
+def test_embedded_and_synthetic_sources():
+  mnist = sources.EmbeddedSource("mnist")
+  assert len(mnist) == 5000 and mnist[0]["image"].shape == (28, 28, 1)
+  assert mnist.images.max() == 255
+  digits = sources.EmbeddedSource("digits")
+  assert digits[0]["image"].shape == (16, 16, 1)
+  synthetic = sources.SyntheticSource(8, 3, 10, length=20)
+  np.testing.assert_array_equal(synthetic[5]["image"], synthetic[5]["image"])
+  assert synthetic[5]["label"] == 5
+  with pytest.raises(ValueError, match="unknown embedded"):
+    sources.EmbeddedSource("cifar")
+
+
+def test_tfds_mock_source():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = sources.TfdsSource("mnist", "train")
+    assert len(source) == 6
+    decoded = sources.DecodedSource(source, 1, lambda im: transforms.resize_center_crop(im, 8))
+    record = decoded[0]
+  assert record["image"].shape == (8, 8, 1) and record["image"].dtype == np.uint8
+  assert source.num_classes == 10
+
+
+def test_augmentation_identity_and_conditioning():
+  rng = np.random.default_rng(0)
+  image = rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32)
+  same, cond = augment.augment(image, rng, 0.0)
+  np.testing.assert_array_equal(same, image)
+  np.testing.assert_array_equal(cond, np.zeros(9))
+  flips = 0
+  for seed in range(64):
+    out, cond = augment.augment(image, np.random.default_rng(seed), 1.0)
+    assert out.shape == image.shape and cond.shape == (9,)
+    if cond[0] == 1 and not cond[1:].any():
+      np.testing.assert_allclose(out, image[:, ::-1], atol=1e-5)   # a pure x-flip
+      flips += 1
+    np.testing.assert_allclose(cond[3] + 1, np.cos(np.arctan2(cond[4], cond[3] + 1)), atol=1e-6)
+  # With p = 1 every transform is on; cos/sin of the rotation lie on the unit circle.
+  out, cond = augment.augment(image, np.random.default_rng(1), 1.0)
+  assert abs((cond[3] + 1) ** 2 + cond[4] ** 2 - 1) < 1e-5
+
+
+def test_pure_flip_matches_mirror():
+  image = np.arange(2 * 5 * 1, dtype=np.float32).reshape(2, 5, 1)
+  for seed in range(200):
+    rng = np.random.default_rng(seed)
+    out, cond = augment.augment(image, rng, 1e-9)   # only the always-on x-flip can happen
+    if cond[0] == 1:
+      np.testing.assert_allclose(out, image[:, ::-1], atol=1e-4)
+      return
+  pytest.fail("no flip drawn")
