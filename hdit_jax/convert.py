@@ -16,6 +16,7 @@ import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from absl import app, flags
 from flax import nnx
@@ -27,7 +28,7 @@ from hdit_jax.models.layers import Buffer
 from hdit_jax.models.spec import config_from_kdiffusion, config_to_kdiffusion
 
 WEIGHTS_CONFIG_KEY = "hdit_jax_model_config"
-_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": "bfloat16"}
+_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
 def _torch_key(path: tuple[Any, ...]) -> tuple[str, bool]:

@@ -25,9 +25,14 @@ _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 
 
 def initialize_distributed() -> None:
-  """Join the other hosts (TPU slices, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS)."""
+  """Join the other hosts: TPU slices, SLURM and Open MPI are detected by JAX; elsewhere set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+  explicit = {}
+  if os.environ.get("JAX_NUM_PROCESSES"):
+    explicit = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                    process_id=int(os.environ["JAX_PROCESS_ID"]))
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**explicit)
   except (ValueError, RuntimeError) as e:
     # Nothing announces other processes: a single host. A multi-host environment must not
     # silently fall back to independent runs.

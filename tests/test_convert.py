@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
@@ -45,14 +46,16 @@ def test_plain_state_dict_with_json_config(kdiff, tmp_path):
     np.testing.assert_array_equal(exported[key], value)
 
 
-def test_fp16_export_rounds_every_tensor(kdiff, tmp_path):
+@pytest.mark.parametrize("dtype, numpy_dtype", [("fp16", np.float16), ("bf16", ml_dtypes.bfloat16)])
+def test_half_precision_export_rounds_every_tensor(kdiff, tmp_path, dtype, numpy_dtype):
   model, model_cfg = convert.model_from_kdiffusion(kdiff.path("hdit_weights.safetensors"))
-  path = tmp_path / "fp16.safetensors"
-  convert.save_kdiffusion(model, model_cfg, str(path), dtype="fp16")
+  path = tmp_path / f"{dtype}.safetensors"
+  convert.save_kdiffusion(model, model_cfg, str(path), dtype=dtype)
   tensors = st_numpy.load_file(str(path))
-  assert {t.dtype for t in tensors.values()} == {np.dtype(np.float16)}
+  assert {t.dtype for t in tensors.values()} == {np.dtype(numpy_dtype)}
   for key, value in kdiff.tensors("hdit_weights.safetensors").items():
-    np.testing.assert_array_equal(tensors[key], value.astype(np.float16))
+    np.testing.assert_array_equal(tensors[key], value.astype(numpy_dtype))
+  reloaded, _ = convert.model_from_kdiffusion(str(path))   # half-precision files load too
 
 
 def test_pickle_needs_explicit_permission(tmp_path):

@@ -141,6 +141,7 @@ class FeedForward(nnx.Module):
     embed = "mapping" if mapping else "embed"
     self.up_proj = Linear(d_model, up_width, rngs=rngs, axes=(embed, "mlp"), tags=tags,
                           dtype=dtype, param_dtype=param_dtype)
+    # Only a layer that drops anything holds an RNG stream (the step reseeds it).
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
     self.down_proj = Linear(d_ff, d_model, rngs=rngs, axes=("mlp", embed), tags=tags,
                             zero_init=True, dtype=dtype, param_dtype=param_dtype)
