@@ -19,7 +19,6 @@ from typing import Any, Mapping
 from absl import app, flags
 from ml_collections import config_flags
 
-from hdit_jax.models.hdit import AUG_COND_DIM
 from hdit_jax.models.spec import HDiTSpec, hdit_spec_from_config
 
 

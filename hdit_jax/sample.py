@@ -16,7 +16,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from hdit_jax import convert
 from hdit_jax.config import base_config

@@ -1,6 +1,5 @@
 """The Colab sampling notebook runs top to bottom on the converted fixture model."""
 
-import os
 import pathlib
 
 import pytest

@@ -5,7 +5,6 @@ Images are NHWC at the API. The network output F is returned in float32; the EDM
 state_dict (`down_levels.0.1.self_attn.qkv_proj`), which makes weight conversion a rename.
 """
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,7 @@ names the offending key.
 """
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 ATTENTION_KINDS = ("global", "neighborhood", "shifted-window", "none")
 FEED_FORWARDS = ("geglu", "gelu")

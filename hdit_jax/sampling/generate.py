@@ -3,8 +3,6 @@
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -13,9 +11,10 @@ from hdit_jax.diffusion.guidance import guided_denoiser
 from hdit_jax.diffusion.preconditioning import denoise
 from hdit_jax.diffusion.samplers import SAMPLERS
 
-_SAMPLER_OPTIONS = {"eta": ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral",
-                            "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_fast",
-                            "dpm_adaptive")}
+# Samplers with an eta (ancestral / SDE noise) option.
+_ETA_SAMPLERS = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                           "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_fast",
+                           "dpm_adaptive"})
 
 
 def sample_fn(sampler: str, steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
@@ -24,7 +23,7 @@ def sample_fn(sampler: str, steps: int, sigma_min: float, sigma_max: float, rho:
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
   fn = SAMPLERS[sampler]
-  if sampler in _SAMPLER_OPTIONS["eta"]:
+  if sampler in _ETA_SAMPLERS:
     options["eta"] = eta
   if sampler == "dpm_fast":
     return lambda d, x, key: fn(d, x, sigma_min, sigma_max, steps, key=key, **options)

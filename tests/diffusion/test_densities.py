@@ -1,6 +1,5 @@
 """Noise-level densities: closed forms, Kolmogorov-Smirnov tests, stratification."""
 
-import math
 
 import jax
 import jax.numpy as jnp

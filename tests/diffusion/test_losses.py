@@ -5,7 +5,6 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import rel_l2
 from hdit_jax import convert
 from hdit_jax.diffusion import losses
 

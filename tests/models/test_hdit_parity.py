@@ -11,8 +11,6 @@ from flax import nnx
 from conftest import rel_l2
 from hdit_jax import convert
 from hdit_jax.diffusion.preconditioning import denoise, edm_scalings
-from hdit_jax.models import build_model
-from hdit_jax.models.spec import config_from_kdiffusion
 
 pytestmark = pytest.mark.parity
 

@@ -2,23 +2,16 @@
 
 import importlib.util
 import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
-import pytest
 
 from hdit_jax.training import checkpoint as ckpt_lib
 from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import state as state_lib
 from hdit_jax.training.step import make_train_step
 from hdit_jax.training.trainer import train
-from hdit_jax.training.validate import validate_config
 
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent.parent
