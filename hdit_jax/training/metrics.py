@@ -2,11 +2,13 @@
 
 import json
 import os
+import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix.
 PEAK_FLOPS = (
@@ -32,21 +34,25 @@ def train_flops_per_image(forward_gmacs: float) -> float:
 
 
 class MetricWriter:
-  """Scalars and images to TensorBoard (tensorboardX) and scalars to `metrics.jsonl`."""
+  """Scalars and images to TensorBoard (tensorboardX) and scalars to `metrics.jsonl`.
+
+  For a remote workdir (gs://) the files are written locally and copied up at every flush.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
+    self._remote = workdir if "://" in workdir else None
+    self._local = tempfile.mkdtemp(prefix="hdit-metrics-") if self._remote else workdir
     self._tb = None
     self._jsonl = None
     if enabled:
+      os.makedirs(self._local, exist_ok=True)
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("TensorBoard events disabled: %s", e)
-      if "://" not in workdir:
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._jsonl = open(os.path.join(self._local, "metrics.jsonl"), "a", encoding="utf-8")
 
   def scalars(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -55,9 +61,8 @@ class MetricWriter:
     if self._tb is not None:
       for key, value in values.items():
         self._tb.add_scalar(key, value, step)
-    if self._jsonl is not None:
-      self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-      self._jsonl.flush()
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self.flush()
 
   def image(self, step: int, name: str, image: np.ndarray) -> None:
     """image: uint8 [H, W, C]."""
@@ -65,11 +70,26 @@ class MetricWriter:
       self._tb.add_image(name, image, step, dataformats="HWC")
 
   def flush(self) -> None:
+    if not self.enabled:
+      return
     if self._tb is not None:
       self._tb.flush()
+    self._jsonl.flush()
+    self._upload()
+
+  def _upload(self) -> None:
+    if self._remote:
+      for root, _, files in os.walk(self._local):
+        for name in files:
+          local = os.path.join(root, name)
+          target = epath.Path(self._remote) / os.path.relpath(local, self._local)
+          target.parent.mkdir(parents=True, exist_ok=True)
+          target.write_bytes(epath.Path(local).read_bytes())
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     if self._tb is not None:
       self._tb.close()
-    if self._jsonl is not None:
-      self._jsonl.close()
+    self._jsonl.close()
+    self._upload()

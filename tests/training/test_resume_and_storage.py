@@ -141,3 +141,24 @@ def test_gcs_save_restore_through_emulator(monkeypatch):
     reopened.close()
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.gcs
+def test_metrics_and_samples_reach_a_gs_workdir(monkeypatch):
+  pytest.importorskip("gcsfs")
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from hdit_jax.sampling import grid  # pylint: disable=import-outside-toplevel
+  from hdit_jax.training import metrics  # pylint: disable=import-outside-toplevel
+  with gcs_emulator("hdit-metrics") as url:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    workdir = "gs://hdit-metrics/run"
+    writer = metrics.MetricWriter(workdir)
+    writer.scalars(5, {"loss": np.float32(0.5)})
+    writer.image(5, "samples", np.zeros((4, 4, 3), np.uint8))
+    writer.close()
+    lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"step": 5, "loss": 0.5}
+    assert list((epath.Path(workdir) / "tensorboard").glob("events.out.tfevents.*"))
+    grid.save_png(np.zeros((4, 4, 3), np.uint8), workdir + "/samples/s.png")
+    assert (epath.Path(workdir) / "samples" / "s.png").exists()

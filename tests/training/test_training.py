@@ -109,7 +109,7 @@ def test_save_restore_identical_and_onto_another_mesh(tmp_path):
 def test_quickstart_loss_falls(tmp_path):
   config = load_config(ROOT / "configs" / "quickstart.py")
   config.training.update(num_steps=120, log_every=10, checkpoint_every=1000, sample_every=120,
-                         num_sample_images=4)
+                         num_sample_images=4, profile_steps=(5, 2))
   config.sampling.steps = 4
   config.data.batch_size = 32
   config.mesh.update(data=1)
@@ -121,6 +121,7 @@ def test_quickstart_loss_falls(tmp_path):
   assert (tmp_path / "samples" / "samples_00000120.png").exists()
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "ema_00000120.safetensors").exists()
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
   assert all(k in records[-1] for k in ("grad_norm", "lr", "images_per_second",
                                         "tflops_per_device", "step_time"))
 
