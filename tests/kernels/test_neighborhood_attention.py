@@ -1,4 +1,7 @@
-"""Neighborhood attention: NATTEN parity, a brute-force float64 reference, gradients, errors."""
+"""Neighborhood attention: NATTEN parity, a brute-force float64 reference, gradients, errors.
+
+Every implementation runs here; the Pallas kernels in interpret mode (CPU).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,13 @@ from conftest import rel_l2
 from hdit_kernels import neighborhood_attention as na
 
 IMPLEMENTATIONS = na.IMPLEMENTATIONS
+PALLAS = ("pallas_tpu", "pallas_gpu")
+
+
+def run_na(q, k, v, kernel_size, dilation=1, *, scale=None, implementation):
+  """na.na2d with the Pallas kernels in interpret mode."""
+  return na.na2d(q, k, v, kernel_size, dilation, scale=scale, implementation=implementation,
+                 interpret=implementation in PALLAS)
 
 
 def brute_force_na(q, k, v, kernel_size, dilation, scale):
@@ -57,8 +67,8 @@ def test_natten_fixture_cases(kdiff, implementation):
     np.testing.assert_array_equal(
         na.window_starts(case["W"], case["kernel_size"], case["dilation"]),
         tensors[f"{name}.win_start_w"], err_msg=name)
-    out = na.na2d(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), case["kernel_size"],
-                  case["dilation"], scale=case["scale"], implementation=implementation)
+    out = run_na(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), case["kernel_size"],
+                 case["dilation"], scale=case["scale"], implementation=implementation)
     assert rel_l2(out, ref) <= 1e-6, name
     assert float(np.max(np.abs(np.asarray(out) - ref))) <= 2e-6, name
 
@@ -80,7 +90,7 @@ CASES = [
 def test_matches_float64_brute_force(implementation, b, h, w, n, d, ks, dil):
   q, k, v = random_qkv(jax.random.key(h * 100 + w), (b, h, w, n, d))
   scale = 0.7
-  out = na.na2d(q, k, v, ks, dil, scale=scale, implementation=implementation)
+  out = run_na(q, k, v, ks, dil, scale=scale, implementation=implementation)
   assert out.dtype == jnp.float32 and out.shape == q.shape
   assert rel_l2(out, brute_force_na(q, k, v, ks, dil, scale)) <= 1e-6
 
@@ -98,7 +108,7 @@ def test_kernel_equal_to_map_is_dense_attention():
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_bfloat16(implementation):
   q, k, v = random_qkv(jax.random.key(2), (3, 14, 10, 2, 16), jnp.bfloat16)
-  out = na.na2d(q, k, v, 7, scale=0.25, implementation=implementation)
+  out = run_na(q, k, v, 7, scale=0.25, implementation=implementation)
   assert out.dtype == jnp.bfloat16
   ref = brute_force_na(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                        7, 1, 0.25)
@@ -114,7 +124,7 @@ def test_gradients_match_float64_autodiff(implementation, b, h, w, n, d, ks, dil
   def loss(fn, q, k, v):
     return jnp.sum(fn(q, k, v) * cotangent.astype(q.dtype))
 
-  got = jax.grad(lambda *a: loss(lambda q, k, v: na.na2d(
+  got = jax.grad(lambda *a: loss(lambda q, k, v: run_na(
       q, k, v, ks, dil, scale=0.5, implementation=implementation), *a), argnums=(0, 1, 2))(q, k, v)
   with jax.enable_x64(True):   # the float64 reference, without changing other tests' dtypes
     f64 = tuple(jnp.asarray(np.asarray(t), jnp.float64) for t in (q, k, v))
@@ -141,3 +151,99 @@ def test_unknown_implementation_is_refused():
   q, k, v = random_qkv(jax.random.key(0), (1, 8, 8, 1, 8))
   with pytest.raises(ValueError, match="implementation"):
     na.na2d(q, k, v, 3, implementation="cuda")
+
+
+def random_case(seed: int):
+  """A random valid case: odd batches, non-square maps, kernels up to the map, dilations."""
+  rng = np.random.default_rng(seed)
+  dil = int(rng.choice([1, 1, 2, 3]))
+  ks = int(rng.integers(2, 8))
+  h, w = (int(rng.integers(ks * dil, ks * dil + 12)) for _ in range(2))
+  return (int(rng.integers(1, 4)), h, w, int(rng.integers(1, 4)), int(rng.choice([8, 16, 32])),
+          ks, dil)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_shapes(implementation, seed):
+  b, h, w, n, d, ks, dil = random_case(seed)
+  q, k, v = random_qkv(jax.random.key(seed), (b, h, w, n, d))
+  out = run_na(q, k, v, ks, dil, scale=0.6, implementation=implementation)
+  assert rel_l2(out, brute_force_na(q, k, v, ks, dil, 0.6)) <= 1e-6, (b, h, w, n, d, ks, dil)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("seed", range(2, 10))
+def test_random_shapes_more(implementation, seed):
+  test_random_shapes(implementation, seed)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bfloat16_gradients(implementation):
+  q, k, v = random_qkv(jax.random.key(5), (1, 11, 16, 2, 16), jnp.bfloat16)
+  ct = jax.random.normal(jax.random.key(6), q.shape, jnp.float32)
+
+  def grads(fn, *args):
+    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct),
+                    argnums=(0, 1, 2))(*args)
+
+  got = grads(lambda q, k, v: run_na(q, k, v, 5, scale=1.0, implementation=implementation),
+              q, k, v)
+  want = grads(lambda q, k, v: na.na2d_reference(q, k, v, 5, 1, 1.0),
+               *(t.astype(jnp.float32) for t in (q, k, v)))
+  for name, g, r in zip("qkv", got, want):
+    assert g.dtype == jnp.bfloat16
+    assert rel_l2(g.astype(jnp.float32), r) <= 2e-2, name
+
+
+def test_model_call_path_jit_grad_bf16():
+  """What HDiT does: implementation None, scale 1.0, under jit and grad, in bf16."""
+  q, k, v = random_qkv(jax.random.key(7), (2, 16, 16, 2, 64), jnp.bfloat16)
+  loss = jax.jit(jax.value_and_grad(
+      lambda q, k, v: jnp.sum(na.na2d(q, k, v, 7, scale=1.0).astype(jnp.float32) ** 2),
+      argnums=(0, 1, 2)))
+  value, grads = loss(q, k, v)
+  assert np.isfinite(float(value)) and all(g.dtype == jnp.bfloat16 for g in grads)
+  assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
+
+
+def test_default_implementation_per_backend():
+  assert na.default_implementation("tpu") == "pallas_tpu"
+  assert na.default_implementation("gpu") == "pallas_gpu"
+  assert na.default_implementation("cpu") == "xla"
+
+
+@pytest.mark.parametrize("implementation", PALLAS)
+def test_named_kernel_off_its_platform_fails_loudly(implementation):
+  q, k, v = random_qkv(jax.random.key(0), (1, 8, 8, 1, 8))
+  with pytest.raises(ValueError, match="interpret"):   # Pallas: interpret mode only on CPU
+    na.na2d(q, k, v, 3, implementation=implementation)
+
+
+def test_unsupported_case_raises_when_named_and_falls_back_when_not(monkeypatch):
+  q, k, v = random_qkv(jax.random.key(0), (1, 8, 8, 1, 8))
+  bad = na.pallas_gpu.Config(block_w=6)   # Triton needs powers of two
+  with pytest.raises(NotImplementedError, match="power-of-two"):
+    na.na2d(q, k, v, 3, implementation="pallas_gpu", config=bad, interpret=True)
+  # With implementation None on a 'gpu' backend, an unsupported case must run the XLA path.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(na.pallas_gpu, "unsupported", lambda *a: "pretend")
+  out = na.na2d(q, k, v, 3, scale=0.5)
+  assert rel_l2(out, brute_force_na(q, k, v, 3, 1, 0.5)) <= 1e-6
+
+
+def test_wrong_config_type_is_refused():
+  q, k, v = random_qkv(jax.random.key(0), (1, 8, 8, 1, 8))
+  with pytest.raises(TypeError, match="Config"):
+    na.na2d(q, k, v, 3, implementation="pallas_tpu", config=na.pallas_gpu.Config(),
+            interpret=True)
+
+
+@pytest.mark.parametrize("b, h, w, n, d, ks, dil", [CASES[1], CASES[4], CASES[6]])
+def test_xla_halo_forward(b, h, w, n, d, ks, dil):
+  """The XLA path's other forward (halo-tiled matmuls; the default counts exact work)."""
+  q, k, v = random_qkv(jax.random.key(h * 100 + w), (b, h, w, n, d))
+  out = na.na2d(q, k, v, ks, dil, scale=0.7, implementation="xla",
+                config=na.xla.Config(forward="halo", block_h=4, block_w=8))
+  assert rel_l2(out, brute_force_na(q, k, v, ks, dil, 0.7)) <= 1e-6
