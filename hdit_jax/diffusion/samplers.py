@@ -394,8 +394,3 @@ SAMPLERS = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
 }
 """Sampler name (k-diffusion's, without `sample_`) -> function."""
-
-STOCHASTIC = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                        "dpmpp_2m_sde", "dpmpp_3m_sde"})
-"""Samplers that need a key with their default options (euler/heun/dpm_2 with s_churn > 0 and
-dpm_fast/dpm_adaptive with eta > 0 need one too)."""

@@ -1,6 +1,6 @@
 """Neighborhood attention on GPU: Pallas (Triton lowering) forward and backward kernels.
 
-Design (see ../shared/spec/na_kernel_notes.md):
+Design (figures and versions in benchmarks/NOTES.md):
 * One program per (2-D tile of block_h x block_w queries, head, batch); tiles vary fastest, so
   programs running together share their key halos in L2.
 * The program walks its key halo (rows [start(r0), start(r1) + k), columns likewise; NATTEN

@@ -1,6 +1,6 @@
 """Neighborhood attention on TPU: Pallas (Mosaic) forward, dq and dk/dv kernels.
 
-Design (see ../shared/spec/na_kernel_notes.md):
+Design (figures and versions in benchmarks/NOTES.md):
 * Tokens are viewed as (B, H, W, C) with C = heads * head_dim on lanes (a free reshape), so a
   block is lane-dense whatever the head count. One grid step takes a (block_h x block_w) tile of
   queries with all heads and the key/value halo of that tile, loaded by the Pallas pipeline
