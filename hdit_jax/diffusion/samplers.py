@@ -394,3 +394,7 @@ SAMPLERS = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
 }
 """Sampler name (k-diffusion's, without `sample_`) -> function."""
+
+STOCHASTIC = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+                        "dpmpp_2m_sde", "dpmpp_3m_sde"})
+"""Samplers that need a key by default (churn and eta > 0 make others need one too)."""
