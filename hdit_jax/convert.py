@@ -58,22 +58,26 @@ def model_to_state_dict(model: nnx.Module, dtype: Any = np.float32) -> dict[str,
 
 def load_state_dict_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> None:
   """Copy a k-diffusion state_dict into `model` in place; every key must match exactly."""
-  arrays = _model_arrays(model)
-  expected = {}
-  for path, var in arrays.items():
+  targets = {}
+  for path, var in _model_arrays(model).items():
     key, transpose = _torch_key(path)
-    expected[key] = (path, var, transpose)
-  missing = sorted(set(expected) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(expected))
+    targets[key] = (var, transpose)
+  _copy_arrays(targets, state_dict, "state_dict does not match the model")
+
+
+def _copy_arrays(targets: dict[str, tuple[nnx.Variable, bool]], tensors: Mapping[str, Any],
+                 mismatch: str) -> None:
+  """Assign tensors[name] (transposed where asked) to each target; names and shapes must match."""
+  missing = sorted(set(targets) - set(tensors))
+  unexpected = sorted(set(tensors) - set(targets))
   if missing or unexpected:
-    raise ValueError(f"state_dict does not match the model: missing {missing[:8]}"
-                     f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                     f"{'...' if len(unexpected) > 8 else ''}")
-  for key, (path, var, transpose) in expected.items():
-    value = np.asarray(state_dict[key], dtype=np.float32)
+    raise ValueError(f"{mismatch}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                     f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+  for name, (var, transpose) in targets.items():
+    value = np.asarray(tensors[name])
     value = value.T if transpose else value
     if value.shape != var.shape:
-      raise ValueError(f"{key}: checkpoint shape {value.shape} (as hdit-jax layout), model "
+      raise ValueError(f"{name}: stored shape {value.shape} (in hdit-jax layout), model "
                        f"expects {var.shape}")
     var[...] = jnp.asarray(value, var.dtype)
 
@@ -165,16 +169,8 @@ def load_weights(path: str, **overrides: Any) -> tuple[nnx.Module, dict[str, Any
   model_cfg = {**stored, **overrides}
   model = build_model(model_cfg, rngs=nnx.Rngs(0))
   tensors = st_numpy.load_file(path)
-  arrays = _model_arrays(model)
-  names = {".".join(map(str, p)): v for p, v in arrays.items()}
-  if set(names) != set(tensors):
-    raise ValueError(f"{path} does not match its config: missing "
-                     f"{sorted(set(names) - set(tensors))[:8]}, unexpected "
-                     f"{sorted(set(tensors) - set(names))[:8]}")
-  for name, var in names.items():
-    if tensors[name].shape != var.shape:
-      raise ValueError(f"{name}: file shape {tensors[name].shape}, model expects {var.shape}")
-    var[...] = jnp.asarray(tensors[name], var.dtype)
+  targets = {".".join(map(str, p)): (v, False) for p, v in _model_arrays(model).items()}
+  _copy_arrays(targets, tensors, f"{path} does not match its config")
   return model, model_cfg
 
 

@@ -141,6 +141,17 @@ def _eta_target(t, t_next, t_end, eta):
   return t_next_, jnp.sqrt(_sigma(t_next) ** 2 - _sigma(t_next_) ** 2)
 
 
+def _solver_setup(denoiser, x, sigma_min, sigma_max, key, noise_fn, eta):
+  """x in the working dtype, the noise source, eps(x, t), and t = -log sigma at both ends."""
+  if _concrete_nonpositive(sigma_min) or _concrete_nonpositive(sigma_max):
+    raise ValueError("sigma_min and sigma_max must not be 0")
+  dtype = working_dtype(x)
+  x = jnp.asarray(x, dtype)
+  noise = noise_source(key, noise_fn, x, needed=not is_zero(eta))
+  t_start, t_end = _t(jnp.asarray(sigma_max, dtype)), _t(jnp.asarray(sigma_min, dtype))
+  return x, noise, _eps_fn(denoiser), t_start, t_end
+
+
 def sample_dpm_fast(denoiser: Denoiser, x: jax.Array, sigma_min, sigma_max, n: int, *,
                     key=None, noise_fn: NoiseFn | None = None, eta=0., s_noise=1.,
                     return_trajectory: bool = False):
@@ -150,13 +161,9 @@ def sample_dpm_fast(denoiser: Denoiser, x: jax.Array, sigma_min, sigma_max, n: i
   on step i (with eta > 0). Args: x [B, ...] the start (noise * sigma_max); n static. Returns x at
   sigma_min (and with return_trajectory, [m + 1, B, ...]: x before each step, then the result).
   """
-  if _concrete_nonpositive(sigma_min) or _concrete_nonpositive(sigma_max):
-    raise ValueError("sigma_min and sigma_max must not be 0")
-  dtype = working_dtype(x)
-  x = jnp.asarray(x, dtype)
-  noise = noise_source(key, noise_fn, x, needed=not is_zero(eta))
-  eps_fn = _eps_fn(denoiser)
-  t_start, t_end = _t(jnp.asarray(sigma_max, dtype)), _t(jnp.asarray(sigma_min, dtype))
+  x, noise, eps_fn, t_start, t_end = _solver_setup(denoiser, x, sigma_min, sigma_max, key,
+                                                   noise_fn, eta)
+  dtype = x.dtype
   m = math.floor(n / 3) + 1
   ts = schedules.linspace(t_start, t_end, m + 1, dtype)
   orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
@@ -205,13 +212,9 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: jax.Array, sigma_min, sigma_max, 
   """
   if order not in (2, 3):
     raise ValueError("order should be 2 or 3")
-  if _concrete_nonpositive(sigma_min) or _concrete_nonpositive(sigma_max):
-    raise ValueError("sigma_min and sigma_max must not be 0")
-  dtype = working_dtype(x)
-  x = jnp.asarray(x, dtype)
-  noise = noise_source(key, noise_fn, x, needed=not is_zero(eta))
-  eps_fn = _eps_fn(denoiser)
-  t_start, t_end = _t(jnp.asarray(sigma_max, dtype)), _t(jnp.asarray(sigma_min, dtype))
+  x, noise, eps_fn, t_start, t_end = _solver_setup(denoiser, x, sigma_min, sigma_max, key,
+                                                   noise_fn, eta)
+  dtype = x.dtype
   forward = t_end > t_start
   if not is_zero(eta) and isinstance(sigma_min, numbers.Real) and sigma_min > sigma_max:
     raise ValueError("eta must be 0 for reverse sampling")
