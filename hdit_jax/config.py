@@ -103,7 +103,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(
       sampler="dpmpp_3m_sde", steps=50, eta=1.0, rho=7.0, guidance_scale=1.0,
       guidance_interval=(),            # (sigma_lo, sigma_hi): guide only inside; () everywhere
-      sigma_min=0.01, sigma_max=0.0))  # 0: diffusion.sigma_max
+      sigma_min=0.01, sigma_max=0.0,   # 0: diffusion.sigma_max
+      batch_size=0))                   # images per sampling call over all devices (0: 64)
+
+  # Sample quality, from the EMA weights, every `every` steps and at the last step. Its own
+  # sampler settings, fixed so that numbers compare across runs.
+  c.evaluation = ml_collections.ConfigDict(dict(
+      metric="",                       # '' off | 'fid' (Inception: fid, kid, ...) | 'digits'
+      every=0,                         # steps between evaluations (0: only the last step)
+      num_samples=50_000,
+      seed=1,
+      sampler="dpmpp_2m", steps=50, eta=1.0, guidance_scale=1.0, guidance_interval=(),
+      batch_size=0,                    # images per sampling call (0: sampling.batch_size)
+      inception_weights="",            # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+      reference="",                    # stats / features / image npz or image folder; '': data
+      reference_images=50_000,         # images of the training data when reference is ''
+      kid=True,
+      precision_recall=False))
 
   # Mesh axes; one of them -1 takes the devices that remain. dcn_data > 1: multislice.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))

@@ -7,15 +7,18 @@ output, the config JSON in the metadata key `config`), (3) a plain state dict (s
 (EMA weights, config in the metadata) and hdit-jax weight files.
 
 CLI:
-  python -m hdit_jax.convert import CKPT [--config CFG.json] [--no-ema] [--allow-pickle] --output W.safetensors
-  python -m hdit_jax.convert export W.safetensors --output KDIFF.safetensors [--dtype fp16]
+  python -m hdit_jax.convert import CKPT [--config=CFG.json] [--noema] [--allow_pickle] --output=W.safetensors
+  python -m hdit_jax.convert export W.safetensors --output=KDIFF.safetensors [--dtype=fp16]
+
+hdit-jax weight files (`weights`) carry σ_data, σ_min, σ_max and the sampler defaults; export
+writes the σs into the k-diffusion config and keeps the hdit-jax config and settings in the
+metadata, so export then import gives back the same config.
 """
 
 import json
 import os
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from absl import app, flags
@@ -23,11 +26,10 @@ from flax import nnx
 from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
+from hdit_jax import weights
 from hdit_jax.models import build_model
-from hdit_jax.models.layers import Buffer
 from hdit_jax.models.spec import config_from_kdiffusion, config_to_kdiffusion
 
-WEIGHTS_CONFIG_KEY = "hdit_jax_model_config"
 _DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
@@ -41,15 +43,10 @@ def _torch_key(path: tuple[Any, ...]) -> tuple[str, bool]:
   return name, False
 
 
-def _model_arrays(model: nnx.Module) -> dict[tuple[Any, ...], Any]:
-  state = nnx.state(model, nnx.Any(nnx.Param, Buffer))
-  return {path: var for path, var in nnx.to_flat_state(state)}
-
-
 def model_to_state_dict(model: nnx.Module, dtype: Any = np.float32) -> dict[str, np.ndarray]:
   """The k-diffusion state_dict (numpy, PyTorch names and layouts) of an hdit-jax HDiT."""
   out = {}
-  for path, var in _model_arrays(model).items():
+  for path, var in weights.model_arrays(model).items():
     key, transpose = _torch_key(path)
     value = np.asarray(var[...], dtype=np.float32)
     out[key] = np.ascontiguousarray(value.T if transpose else value).astype(dtype)
@@ -59,27 +56,10 @@ def model_to_state_dict(model: nnx.Module, dtype: Any = np.float32) -> dict[str,
 def load_state_dict_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> None:
   """Copy a k-diffusion state_dict into `model` in place; every key must match exactly."""
   targets = {}
-  for path, var in _model_arrays(model).items():
+  for path, var in weights.model_arrays(model).items():
     key, transpose = _torch_key(path)
     targets[key] = (var, transpose)
-  _copy_arrays(targets, state_dict, "state_dict does not match the model")
-
-
-def _copy_arrays(targets: dict[str, tuple[nnx.Variable, bool]], tensors: Mapping[str, Any],
-                 mismatch: str) -> None:
-  """Assign tensors[name] (transposed where asked) to each target; names and shapes must match."""
-  missing = sorted(set(targets) - set(tensors))
-  unexpected = sorted(set(tensors) - set(targets))
-  if missing or unexpected:
-    raise ValueError(f"{mismatch}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                     f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-  for name, (var, transpose) in targets.items():
-    value = np.asarray(tensors[name])
-    value = value.T if transpose else value
-    if value.shape != var.shape:
-      raise ValueError(f"{name}: stored shape {value.shape} (in hdit-jax layout), model "
-                       f"expects {var.shape}")
-    var[...] = jnp.asarray(value, var.dtype)
+  weights.copy_arrays(targets, state_dict, "state_dict does not match the model")
 
 
 def _load_pickle(path: str) -> Any:
@@ -91,23 +71,35 @@ def _load_pickle(path: str) -> Any:
   return torch.load(path, map_location="cpu", weights_only=True)
 
 
+KDIFF_SIGMA_DEFAULTS = {"sigma_data": 1.0, "sigma_min": 1e-2, "sigma_max": 80.0}   # k-diffusion's
+
+
 def read_kdiffusion_checkpoint(path: str, config_path: str | None = None, *, use_ema: bool = True,
                                allow_pickle: bool = False
                                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(k-diffusion config, state_dict as numpy) of any of the three checkpoint kinds."""
+  config, state_dict, _ = _read_checkpoint(path, config_path, use_ema, allow_pickle)
+  return config, state_dict
+
+
+def _read_checkpoint(path, config_path, use_ema, allow_pickle):
+  """(config, state_dict, safetensors metadata) of a k-diffusion checkpoint."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
-  config = None
+  config, metadata = None, {}
   if path.endswith(".safetensors"):
-    with safe_open(path, framework="numpy") as f:
-      metadata = f.metadata() or {}
+    try:
+      with safe_open(path, framework="numpy") as f:
+        metadata = f.metadata() or {}
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
     if "config" in metadata:
       config = json.loads(metadata["config"])
     state_dict = st_numpy.load_file(path)
   else:
     if not allow_pickle:
       raise ValueError(f"{path} is not a safetensors file; loading it unpickles data, which can "
-                       "run code: pass allow_pickle=True (CLI: --allow-pickle) if you trust it")
+                       "run code: pass allow_pickle=True (CLI: --allow_pickle) if you trust it")
     obj = _load_pickle(path)
     if isinstance(obj, dict) and ("model" in obj or "model_ema" in obj):
       config = obj.get("config")
@@ -121,57 +113,75 @@ def read_kdiffusion_checkpoint(path: str, config_path: str | None = None, *, use
   if config is None:
     raise ValueError(f"{path} carries no config: pass the k-diffusion JSON config "
                      "(config_path / --config)")
-  return config, state_dict
+  return config, state_dict, metadata
+
+
+def _model_config(kdiff_config: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, Any]:
+  """The hdit-jax model config: the one hdit-jax stored on export when it still describes the
+  same network as the k-diffusion config (it keeps what k-diffusion's format has no place for),
+  else the one converted from the k-diffusion config."""
+  converted = config_from_kdiffusion(kdiff_config)
+  if weights.MODEL_CONFIG_KEY in metadata:
+    stored = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in json.loads(metadata[weights.MODEL_CONFIG_KEY]).items()}
+    if config_to_kdiffusion(stored) == config_to_kdiffusion(converted):
+      return stored
+  return converted
+
+
+def kdiffusion_settings(kdiff_config: Mapping[str, Any],
+                        metadata: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+  """Diffusion settings of a k-diffusion config (its defaults where unset), and the sampler
+  settings that hdit-jax stored on export, if any."""
+  model = kdiff_config.get("model", kdiff_config)
+  diffusion = {k: float(model.get(k, v)) for k, v in KDIFF_SIGMA_DEFAULTS.items()}
+  stored = json.loads((metadata or {}).get(weights.SETTINGS_KEY, "{}"))
+  sampling = dict(stored.get("sampling", {}))
+  sampling.setdefault("sigma_min", diffusion["sigma_min"])
+  sampling.setdefault("sigma_max", diffusion["sigma_max"])
+  return {"diffusion": diffusion, "sampling": sampling}
 
 
 def model_from_kdiffusion(path: str, config_path: str | None = None, *, use_ema: bool = True,
-                          allow_pickle: bool = False, dtype: str = "float32"
-                          ) -> tuple[nnx.Module, dict[str, Any]]:
-  """An HDiT with a k-diffusion checkpoint's weights, and its hdit-jax model config."""
-  kdiff_config, state_dict = read_kdiffusion_checkpoint(
-      path, config_path, use_ema=use_ema, allow_pickle=allow_pickle)
-  model_cfg = config_from_kdiffusion(kdiff_config)
-  model_cfg["dtype"] = dtype
+                          allow_pickle: bool = False, dtype: str | None = None,
+                          with_settings: bool = False):
+  """An HDiT with a k-diffusion checkpoint's weights and its hdit-jax model config (and, with
+  `with_settings`, its diffusion and sampler settings: see `kdiffusion_settings`). `dtype`: the
+  compute dtype (default: the stored one, else float32)."""
+  kdiff_config, state_dict, metadata = _read_checkpoint(path, config_path, use_ema, allow_pickle)
+  model_cfg = _model_config(kdiff_config, metadata)
+  if dtype or "dtype" not in model_cfg:
+    model_cfg["dtype"] = dtype or "float32"
   model = build_model(model_cfg, rngs=nnx.Rngs(0))
   load_state_dict_into(model, state_dict)
+  if with_settings:
+    return model, model_cfg, kdiffusion_settings(kdiff_config, metadata)
   return model, model_cfg
 
 
 def save_kdiffusion(model: nnx.Module, model_cfg: Mapping[str, Any], path: str, *,
-                    dtype: str = "fp32", extra_config: Mapping[str, Any] | None = None) -> None:
-  """A safetensors file that k-diffusion loads as an inference checkpoint (config in metadata)."""
+                    dtype: str = "fp32", extra_config: Mapping[str, Any] | None = None,
+                    settings: Mapping[str, Any] | None = None) -> None:
+  """A safetensors file that k-diffusion loads as an inference checkpoint (config in metadata).
+
+  `settings` (`weights.settings_from_config`): σ_data, σ_min and σ_max go into the k-diffusion
+  config (k-diffusion would otherwise assume σ_data = 1); the metadata also keeps the hdit-jax
+  config and settings for a lossless import.
+  """
   config = dict(extra_config or {})
   config["model"] = {**config.get("model", {}), **config_to_kdiffusion(model_cfg)}
+  if settings:
+    config["model"].update(settings.get("diffusion", {}))
   dataset = dict(config.get("dataset", {}))
   dataset["num_classes"] = int(model_cfg.get("num_classes", 0))
   config["dataset"] = dataset
   tensors = model_to_state_dict(model, _DTYPES[dtype])
-  st_numpy.save_file(tensors, path, metadata={"config": json.dumps(config)})
-
-
-def save_weights(model: nnx.Module, model_cfg: Mapping[str, Any], path: str) -> None:
-  """An hdit-jax weight file: parameters and buffers by state path, the model config in metadata."""
-  tensors = {".".join(map(str, p)): np.asarray(v[...]) for p, v in _model_arrays(model).items()}
-  st_numpy.save_file(tensors, path, metadata={WEIGHTS_CONFIG_KEY: json.dumps(dict(model_cfg))})
-
-
-def load_weights(path: str, **overrides: Any) -> tuple[nnx.Module, dict[str, Any]]:
-  """The model saved by `save_weights` (config entries in `overrides`, e.g. dtype, replace it)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"weights file not found: {path}")
-  with safe_open(path, framework="numpy") as f:
-    metadata = f.metadata() or {}
-  if WEIGHTS_CONFIG_KEY not in metadata:
-    raise ValueError(f"{path} is not an hdit-jax weight file (no {WEIGHTS_CONFIG_KEY} metadata)")
-  # JSON has no tuples; configs hold per-level settings as tuples.
-  stored = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in json.loads(metadata[WEIGHTS_CONFIG_KEY]).items()}
-  model_cfg = {**stored, **overrides}
-  model = build_model(model_cfg, rngs=nnx.Rngs(0))
-  tensors = st_numpy.load_file(path)
-  targets = {".".join(map(str, p)): (v, False) for p, v in _model_arrays(model).items()}
-  _copy_arrays(targets, tensors, f"{path} does not match its config")
-  return model, model_cfg
+  metadata = {"config": json.dumps(config),
+              weights.MODEL_CONFIG_KEY: json.dumps({k: list(v) if isinstance(v, tuple) else v
+                                                    for k, v in dict(model_cfg).items()})}
+  if settings:
+    metadata[weights.SETTINGS_KEY] = json.dumps(settings)
+  st_numpy.save_file(tensors, path, metadata=metadata)
 
 
 def _define_flags() -> None:
@@ -188,12 +198,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("usage: python -m hdit_jax.convert import|export INPUT --output OUTPUT")
   command, source = argv[1], argv[2]
   if command == "import":
-    model, model_cfg = model_from_kdiffusion(source, FLAGS.config, use_ema=FLAGS.ema,
-                                             allow_pickle=FLAGS.allow_pickle)
-    save_weights(model, model_cfg, FLAGS.output)
+    model, model_cfg, settings = model_from_kdiffusion(
+        source, FLAGS.config, use_ema=FLAGS.ema, allow_pickle=FLAGS.allow_pickle,
+        with_settings=True)
+    weights.save_weights(model, model_cfg, FLAGS.output, settings)
   else:
-    model, model_cfg = load_weights(source)
-    save_kdiffusion(model, model_cfg, FLAGS.output, dtype=FLAGS.dtype)
+    model, model_cfg = weights.load_weights(source)
+    save_kdiffusion(model, model_cfg, FLAGS.output, dtype=FLAGS.dtype,
+                    settings=weights.load_settings(source))
   print(f"wrote {FLAGS.output}")
 
 

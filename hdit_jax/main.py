@@ -1,7 +1,8 @@
-"""Entry point: train, sample, or export, from an ml_collections config.
+"""Entry point: train, sample, evaluate, or export, from an ml_collections config.
 
   python -m hdit_jax.main --config=configs/imagenet256.py --workdir=gs://BUCKET/run
   python -m hdit_jax.main --config=configs/quickstart.py --workdir=/tmp/q --mode=sample
+  python -m hdit_jax.main --config=configs/quickstart.py --workdir=/tmp/q --mode=evaluate
 
 Run the same command on every host of a TPU slice; `jax.distributed.initialize()` finds the
 others (it is skipped on one host).
@@ -13,15 +14,27 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hdit_jax.evaluation.evaluator import Evaluator
+from hdit_jax.sampling import batches, files
+from hdit_jax.training import mesh as mesh_lib
+from hdit_jax.training import metrics as metrics_lib
+from hdit_jax.training import trainer
+from hdit_jax.training import workdir as workdir_lib
+from hdit_jax.training.export import export_ema
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory, local or gs://.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "export"],
-                          "train: train (resuming from the latest checkpoint); sample: write a "
-                          "grid and an .npz from the latest checkpoint's EMA weights; export: "
-                          "write the EMA weights as an hdit-jax weight file.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate", "export"],
+                          "train: train (resuming from the latest checkpoint); sample: an arr_0 "
+                          ".npz and a grid from a checkpoint's EMA weights; evaluate: "
+                          "config.evaluation's metric of a checkpoint, to eval.jsonl; export: "
+                          "the EMA weights as an hdit-jax weight file.")
+_STEP = flags.DEFINE_integer("step", None, "sample / evaluate / export: the checkpoint's step "
+                             "(default: the latest).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "sample: number of images.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_PNGS = flags.DEFINE_bool("pngs", False, "sample: also write one PNG per image.")
 
 
 def initialize_distributed() -> None:
@@ -49,16 +62,44 @@ def main(argv):
   initialize_distributed()
   logging.info("JAX %s: process %d of %d, %d devices", jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count())
-  config = _CONFIG.value
+  config, workdir = _CONFIG.value, _WORKDIR.value
   if _MODE.value == "train":
-    from hdit_jax.training.trainer import train  # pylint: disable=import-outside-toplevel
-    train(config, _WORKDIR.value)
+    trainer.train(config, workdir)
+    return
+  restored = workdir_lib.restore_ema(config, workdir, _STEP.value)
+  is_host0 = jax.process_index() == 0
+  if _MODE.value == "sample":
+    _sample(config, workdir, restored)
+  elif _MODE.value == "evaluate":
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_host0)
+    try:
+      evaluator = Evaluator(config, workdir, restored.mesh, mesh_lib.BATCH_AXES)
+      writer.evaluation(restored.step, evaluator(restored.model))
+    finally:
+      writer.close()
   else:
-    from hdit_jax.sampling import cli  # pylint: disable=import-outside-toplevel
-    if _MODE.value == "sample":
-      cli.sample_from_workdir(config, _WORKDIR.value, _NUM_IMAGES.value, _SEED.value)
-    else:
-      cli.export_from_workdir(config, _WORKDIR.value)
+    path = os.path.join(workdir, f"ema_{restored.step:08d}.safetensors")
+    export_ema(config, restored.model_def, restored.state, path, write=is_host0)
+    if is_host0:
+      print(f"wrote {path}")
+
+
+def _sample(config, workdir: str, restored: workdir_lib.Restored) -> None:
+  """workdir/samples/samples_<step>.{npz,png} (and .labels.txt), drawn over the training mesh."""
+  num = _NUM_IMAGES.value
+  if num < 1:
+    raise app.UsageError(f"--num_images must be at least 1, got {num}")
+  name = f"samples_{restored.step:08d}"
+  out_dir = os.path.join(workdir, "samples")
+  shape = tuple(config.model.input_size) + (int(config.model.input_channels),)
+  stream = batches.sample_batches(restored.model, config, num, _SEED.value, mesh=restored.mesh,
+                                  batch_axes=mesh_lib.BATCH_AXES)
+  for _ in files.write_samples(stream, num, shape, out_dir, name,
+                               conditional=bool(config.model.get("num_classes", 0)),
+                               pngs=_PNGS.value, write=jax.process_index() == 0):
+    pass
+  if jax.process_index() == 0:
+    print(f"wrote {num} images: {out_dir}/{name}.npz and the grid {out_dir}/{name}.png")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,13 @@ def highest_matmul_precision():
 def rel_l2(got, ref) -> float:
   got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
   return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def digit_classifier_dir(tmp_path_factory) -> pathlib.Path:
+  """A folder holding the digit metric's classifier, trained once per test session (workdirs
+  that evaluate with the digit metric get a copy instead of training their own)."""
+  from hdit_jax.evaluation import digits  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("digit_classifier")
+  digits.load_or_train(str(root))
+  return root

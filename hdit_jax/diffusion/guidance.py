@@ -19,10 +19,16 @@ def guided_denoiser(denoiser: Denoiser, labels: jax.Array, null_class: int, scal
   if scale == 1.0:
     return lambda x, sigma: denoiser(x, sigma, class_cond=labels)
 
+  def pair(a, b):
+    # Interleaved (row 2i unconditional, 2i + 1 conditional): a batch sharded over devices
+    # keeps each image's two rows on its own device, so guidance needs no communication.
+    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
   def guided(x, sigma):
-    both = denoiser(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]),
-                    class_cond=jnp.concatenate([jnp.full_like(labels, null_class), labels]))
-    uncond, cond = jnp.split(both, 2)
+    both = denoiser(pair(x, x), pair(sigma, sigma),
+                    class_cond=pair(jnp.full_like(labels, null_class), labels))
+    both = both.reshape((x.shape[0], 2) + x.shape[1:])
+    uncond, cond = both[:, 0], both[:, 1]
     out = uncond + scale * (cond - uncond)
     if interval is not None:
       inside = (sigma >= interval[0]) & (sigma <= interval[1])

@@ -13,10 +13,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
+def grid_columns(n: int) -> int:
+  return math.ceil(math.sqrt(n))
+
+
 def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
   """[N, H, W, C] in [-1, 1] -> one uint8 [rows*(H+p)+p, nrow*(W+p)+p, C] picture."""
   n, h, w, c = images.shape
-  nrow = nrow or math.ceil(math.sqrt(n))
+  nrow = nrow or grid_columns(n)
   rows = math.ceil(n / nrow)
   out = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
   for i, image in enumerate(to_uint8(images)):

@@ -23,11 +23,11 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int, keep_every: int | None = None,
-               asynchronous: bool = True, use_ocdbt: bool = True):
+               asynchronous: bool = True, use_ocdbt: bool = True, create: bool = True):
     options = ocp.CheckpointManagerOptions(
         # The loop decides when to save; orbax keeps and deletes.
         save_interval_steps=1, max_to_keep=keep, keep_period=keep_every or None,
-        enable_async_checkpointing=asynchronous, create=True)
+        enable_async_checkpointing=asynchronous, create=create)
     try:
       self.manager = ocp.CheckpointManager(
           directory, options=options,

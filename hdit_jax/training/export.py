@@ -1,17 +1,16 @@
 """Export of the EMA weights alone, for sampling (and on to k-diffusion through the converter)."""
 
-import tempfile
 from typing import Any
 
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from hdit_jax import convert
+from hdit_jax import weights
 
 
 def export_ema(config: Any, model_def: Any, state: Any, path: str, *, write: bool = True) -> None:
-  """Write the EMA model as an hdit-jax weight file (`convert.load_weights` reads it).
+  """Write the EMA model as an hdit-jax weight file (`weights.load_weights` reads it), with the
+  config's diffusion and sampler settings.
 
   Every host must call this (the sharded weights are gathered); only those with `write` write.
   """
@@ -20,11 +19,4 @@ def export_ema(config: Any, model_def: Any, state: Any, path: str, *, write: boo
   if not write:
     return
   model = nnx.merge(model_def.graphdef, ema, buffers, model_def.rng_state)
-  model_cfg = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-               for k, v in config.model.to_dict().items()}
-  if "://" not in path:
-    convert.save_weights(model, model_cfg, path)
-    return
-  with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
-    convert.save_weights(model, model_cfg, tmp.name)
-    epath.Path(path).write_bytes(epath.Path(tmp.name).read_bytes())
+  weights.save_weights(model, config.model.to_dict(), path, weights.settings_from_config(config))

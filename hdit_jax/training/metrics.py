@@ -45,6 +45,7 @@ class MetricWriter:
     self._local = tempfile.mkdtemp(prefix="hdit-metrics-") if self._remote else workdir
     self._tb = None
     self._jsonl = None
+    self._eval_jsonl = None   # opened by the first evaluation
     if enabled:
       os.makedirs(self._local, exist_ok=True)
       try:
@@ -64,6 +65,21 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
     self.flush()
 
+  def evaluation(self, step: int, values: Mapping[str, Any]) -> None:
+    """Sample-quality metrics: one JSON object per evaluation in `eval.jsonl`, and
+    TensorBoard scalars `eval/<name>`."""
+    if not self.enabled:
+      return
+    values = {k: float(np.asarray(v)) for k, v in values.items()}
+    if self._tb is not None:
+      for key, value in values.items():
+        self._tb.add_scalar(f"eval/{key}", value, step)
+    if self._eval_jsonl is None:
+      self._eval_jsonl = open(os.path.join(self._local, "eval.jsonl"), "a", encoding="utf-8")
+    self._eval_jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    logging.info("evaluation at step %d: %s", step, values)
+    self.flush()
+
   def image(self, step: int, name: str, image: np.ndarray) -> None:
     """image: uint8 [H, W, C]."""
     if self.enabled and self._tb is not None:
@@ -75,6 +91,8 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.flush()
     self._jsonl.flush()
+    if self._eval_jsonl is not None:
+      self._eval_jsonl.flush()
     self._upload()
 
   def _upload(self) -> None:
@@ -92,4 +110,6 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
     self._jsonl.close()
+    if self._eval_jsonl is not None:
+      self._eval_jsonl.close()
     self._upload()

@@ -15,7 +15,8 @@ from absl import logging
 
 from hdit_jax import flops as flops_lib
 from hdit_jax.data.pipeline import make_loader
-from hdit_jax.sampling import generate, grid
+from hdit_jax.evaluation.evaluator import Evaluator
+from hdit_jax.sampling import batches, files
 from hdit_jax.training import checkpoint as ckpt_lib
 from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import metrics as metrics_lib
@@ -70,6 +71,9 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   writer = metrics_lib.MetricWriter(workdir, enabled=is_host0)
   watcher = ckpt_lib.PreemptionWatcher(checkpointer.manager)
   profile_start, profile_steps = training.profile_steps
+  evaluator = (Evaluator(config, workdir, mesh, mesh_lib.BATCH_AXES)
+               if config.evaluation.metric else None)
+  evaluation_every = int(config.evaluation.every)
   progress = tqdm.tqdm(total=training.num_steps, initial=start_step, disable=not is_host0,
                        dynamic_ncols=True)
 
@@ -102,8 +106,19 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
         last_time, last_step = time.perf_counter(), step
       progress.update(1)
 
-      if training.sample_every and step % training.sample_every == 0:
-        _write_samples(config, model_def, state, step, workdir, writer, is_host0)
+      sampled = bool(training.sample_every) and step % training.sample_every == 0
+      evaluated = evaluator is not None and (
+          step == training.num_steps or (evaluation_every and step % evaluation_every == 0))
+      if sampled:
+        write_samples(config, model_def.merge(state.ema, state.buffers, deterministic=True),
+                      mesh, step, workdir, writer)
+      if evaluated:
+        writer.evaluation(step, evaluator(model_def.merge(state.ema, state.buffers,
+                                                          deterministic=True)))
+      if last_step != step and (sampled or evaluated):
+        # Sampling time is not training time: throughput restarts from here.
+        jax.block_until_ready(state)
+        last_time, last_step = time.perf_counter(), step
       preempted = watcher.preempted(step)
       if step % training.checkpoint_every == 0 or step == training.num_steps or preempted:
         checkpointer.save(step, state, data_iterator)
@@ -121,14 +136,15 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   return state
 
 
-def _write_samples(config, model_def, state, step, workdir, writer, is_host0):
-  """A grid of samples from the EMA weights (PNG in workdir/samples, and to TensorBoard)."""
-  model = model_def.merge(state.ema, state.buffers, deterministic=True)
-  images = generate.generate(model, config, jax.random.key(config.seed + 1),
-                             int(config.training.num_sample_images))
-  images = jax.device_get(images)
-  if is_host0:
-    picture = grid.image_grid(np.asarray(images))
-    path = os.path.join(workdir, "samples", f"samples_{step:08d}.png")
-    grid.save_png(picture, path)
+def write_samples(config: Any, model: Any, mesh: jax.sharding.Mesh, step: int, workdir: str,
+                  writer: metrics_lib.MetricWriter) -> None:
+  """A grid of samples (workdir/samples/samples_<step>.png, its labels beside it, TensorBoard)
+  from the EMA model, drawn over the training mesh from the sharded weights."""
+  images, labels = batches.sample_images(
+      model, config, int(config.training.num_sample_images), config.seed + 1, mesh=mesh,
+      batch_axes=mesh_lib.BATCH_AXES, progress=False)
+  if jax.process_index() == 0:
+    conditional = bool(config.model.get("num_classes", 0))
+    picture = files.write_grid(images, labels if conditional else None,
+                               os.path.join(workdir, "samples", f"samples_{step:08d}.png"))
     writer.image(step, "samples", picture)

@@ -6,11 +6,15 @@ from hdit_jax.config import base_config
 from hdit_jax.data.sources import SOURCES
 from hdit_jax.diffusion.densities import DENSITIES
 from hdit_jax.diffusion.losses import WEIGHTINGS
+from hdit_jax.evaluation.evaluator import evaluation_settings
+from hdit_jax.sampling.generate import SamplerSettings
 from hdit_jax.training.mesh import mesh_shape
 
 # Sections whose keys must be a subset of the base config's (the model section has its own
 # checks in the model specs).
-_CHECKED_SECTIONS = ("diffusion", "optimizer", "ema", "data", "training", "sampling", "mesh")
+_CHECKED_SECTIONS = ("diffusion", "optimizer", "ema", "data", "training", "sampling",
+                     "evaluation", "mesh")
+METRICS = ("", "fid", "digits")
 
 
 def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
@@ -78,3 +82,29 @@ def validate_config(config: Any, num_devices: int, num_processes: int = 1) -> No
     raise ValueError(f"data.source must be one of {SOURCES}, got {config.data.source!r}")
   if int(config.training.num_steps) < 1:
     raise ValueError("training.num_steps must be >= 1")
+
+  _validate_sampling(config)
+
+
+def _validate_sampling(config: Any) -> None:
+  """The sampler settings of periodic samples and of evaluation, checked before training."""
+  conditional = bool(config.model.get("num_classes", 0))
+  try:
+    sampling = SamplerSettings.from_config(config)
+  except ValueError as err:
+    raise ValueError(f"sampling: {err}") from err
+  for section, settings in (("sampling", sampling), ("evaluation", evaluation_settings(config))):
+    if settings.guidance_scale != 1.0 and not conditional:
+      raise ValueError(f"{section}.guidance_scale = {settings.guidance_scale}, but the model is "
+                       "unconditional (model.num_classes = 0): guidance needs classes; use 1.0")
+  evaluation = config.evaluation
+  if evaluation.metric not in METRICS:
+    raise ValueError(f"evaluation.metric must be one of {METRICS}, got {evaluation.metric!r}")
+  if evaluation.metric and int(evaluation.num_samples) < 2:
+    raise ValueError("evaluation.num_samples must be at least 2")
+  if evaluation.metric == "fid" and not evaluation.inception_weights:
+    raise ValueError("evaluation.metric = 'fid' needs evaluation.inception_weights: pytorch-fid's "
+                     "pt_inception-2015-12-05-6726825d.pth (see the README, Evaluation)")
+  if int(evaluation.every) < 0 or int(config.training.sample_every) < 0:
+    raise ValueError("evaluation.every and training.sample_every must be >= 0")
+

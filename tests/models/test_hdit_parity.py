@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import rel_l2
-from hdit_jax import convert
+from hdit_jax import convert, weights
 from hdit_jax.diffusion.preconditioning import denoise, edm_scalings
 
 pytestmark = pytest.mark.parity
@@ -129,8 +129,8 @@ def test_round_trip_is_exact(reference, kdiff, tmp_path):
 def test_hdit_jax_weight_file_round_trip(reference, tmp_path):
   _, io, model, model_cfg = reference
   path = str(tmp_path / "weights.safetensors")
-  convert.save_weights(model, model_cfg, path)
-  reloaded, cfg = convert.load_weights(path)
+  weights.save_weights(model, model_cfg, path)
+  reloaded, cfg = weights.load_weights(path)
   assert cfg == model_cfg
   x = nchw_to_nhwc(io["input.x"])
   np.testing.assert_array_equal(reloaded(x, io["input.sigma"], **conditioning(io)),

@@ -3,10 +3,12 @@
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
 
+from hdit_jax.evaluation import digits
 from hdit_jax.training import checkpoint as ckpt_lib
 from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import state as state_lib
@@ -106,13 +108,15 @@ def test_save_restore_identical_and_onto_another_mesh(tmp_path):
   checkpointer.close()
 
 
-def test_quickstart_loss_falls(tmp_path):
+def test_quickstart_loss_falls(tmp_path, digit_classifier_dir):
   config = load_config(ROOT / "configs" / "quickstart.py")
   config.training.update(num_steps=120, log_every=10, checkpoint_every=1000, sample_every=120,
                          num_sample_images=4, profile_steps=(5, 2))
   config.sampling.steps = 4
+  config.evaluation.update(num_samples=50, steps=4, every=100)
   config.data.batch_size = 32
   config.mesh.update(data=1)
+  shutil.copy(digit_classifier_dir / digits.FILENAME, tmp_path / digits.FILENAME)
   train(config, str(tmp_path), devices=jax.devices()[:1])
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   losses = [r["loss"] for r in records]
@@ -124,4 +128,11 @@ def test_quickstart_loss_falls(tmp_path):
   assert list((tmp_path / "profile").rglob("*.xplane.pb"))
   assert all(k in records[-1] for k in ("grad_norm", "lr", "images_per_second",
                                         "tflops_per_device", "step_time"))
+  # The digit metric at step 100 and at the last step, in eval.jsonl and TensorBoard.
+  evaluations = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+  assert [e["step"] for e in evaluations] == [100, 120]
+  for e in evaluations:
+    assert e["digits_fd"] > 0 and 0 <= e["digits_class_accuracy"] <= 1
+  labels = (tmp_path / "samples" / "samples_00000120.labels.txt").read_text().split()
+  assert len(labels) == 4 and all(0 <= int(v) < 10 for v in labels)
 

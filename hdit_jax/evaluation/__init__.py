@@ -1,0 +1,1 @@
+"""Sample quality: Inception-v3 features, FID / KID / precision-recall, the digit metric."""

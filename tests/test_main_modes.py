@@ -1,0 +1,65 @@
+"""`python -m hdit_jax.main` on a trained workdir: --mode=sample, evaluate and export."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from hdit_jax import weights
+from hdit_jax.evaluation import digits
+from hdit_jax.training.trainer import train
+
+ROOT = pathlib.Path(__file__).parent.parent
+TINY = ROOT / "tests" / "training" / "tiny_config.py"
+
+
+def run_main(workdir, *args):
+  return subprocess.run([sys.executable, "-m", "hdit_jax.main", f"--config={TINY}",
+                         f"--workdir={workdir}", *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=900)
+
+
+def tiny_workdir(tmp_path):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.training.update(num_steps=4, checkpoint_every=2)
+  workdir = tmp_path / "run"
+  train(config, str(workdir))
+  return workdir
+
+
+def test_sample_evaluate_export_from_a_workdir(tmp_path, digit_classifier_dir):
+  workdir = tiny_workdir(tmp_path)
+  result = run_main(workdir, "--mode=sample", "--num_images=5", "--step=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(workdir / "samples" / "samples_00000002.npz") as data:
+    assert data["arr_0"].shape == (5, 16, 16, 1) and data["arr_1"].shape == (5,)
+  assert (workdir / "samples" / "samples_00000002.png").exists()
+  assert (workdir / "samples" / "samples_00000002.labels.txt").exists()
+
+  shutil.copy(digit_classifier_dir / digits.FILENAME, workdir / digits.FILENAME)
+  result = run_main(workdir, "--mode=evaluate", "--config.evaluation.metric=digits",
+                    "--config.evaluation.num_samples=20", "--config.evaluation.steps=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  (record,) = [json.loads(line) for line in open(workdir / "eval.jsonl")]
+  assert record["step"] == 4 and {"digits_fd", "digits_class_accuracy"} <= record.keys()
+
+  result = run_main(workdir, "--mode=export")
+  assert result.returncode == 0, result.stderr[-3000:]
+  exported = workdir / "ema_00000004.safetensors"
+  settings = weights.load_settings(str(exported))
+  assert settings["diffusion"]["sigma_data"] == 0.6 and settings["sampling"]["sampler"] == "euler"
+
+
+def test_missing_workdir_is_an_error_and_stays_missing(tmp_path):
+  missing = tmp_path / "nothing"
+  for mode in ("sample", "export", "evaluate"):
+    result = run_main(missing, f"--mode={mode}")
+    assert result.returncode != 0 and "no checkpoints" in result.stderr
+    assert not missing.exists()
