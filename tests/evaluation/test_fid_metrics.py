@@ -1,17 +1,12 @@
 """FID, KID, precision-recall from features: closed forms, brute force, pytorch-fid's fixture."""
 
-import json
 import logging
-import os
-import pathlib
 
 import numpy as np
 import pytest
-from safetensors import numpy as st_numpy
 
+from fid_fixture import fixture  # noqa: F401  pylint: disable=unused-import
 from hdit_jax.evaluation import metrics
-
-FID_FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "fid_inception"
 
 
 def _sym_sqrt(s):
@@ -165,14 +160,9 @@ def test_frechet_of_sampled_gaussians():
   assert abs(got - want) < tol, (got, want, tol)
 
 
-def test_fid_fixture_gauss():
+def test_fid_fixture_gauss(fixture):
   """pytorch-fid's value on the fixture's synthetic features, everything read from the files."""
-  root = pathlib.Path(os.environ.get("HDIT_FID_FIXTURES", FID_FIXTURES))
-  if not root.is_dir():
-    raise FileNotFoundError(f"FID fixture folder not found: {root} (HDIT_FID_FIXTURES)")
-  with open(root / "fid_fixture.json") as f:
-    ref = json.load(f)
-  tensors = st_numpy.load_file(str(root / "fid_fixture.safetensors"))
+  ref, tensors = fixture
   got = metrics.frechet_distance(*metrics.statistics(tensors["gauss_1"]),
                                  *metrics.statistics(tensors["gauss_2"]))
   assert abs(got - ref["fid_gauss"]) <= ref["tolerances"]["fid_rel"] * abs(ref["fid_gauss"])
