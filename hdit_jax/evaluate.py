@@ -51,8 +51,8 @@ class _Features:
         raise app.UsageError(f"{path} holds images: --inception_weights is needed")
       self._extract = InceptionFeatures(load_inception(self._weights))
     print(f"Inception features of {found.num_images} images in {path}", file=sys.stderr)
-    return inputs.FeatureSet(path, features=features_of(self._extract,
-                                                        found.batches(_BATCH.value)))
+    return inputs.FeatureSet(path, features=features_of(
+        self._extract, found.batches(_BATCH.value), found.num_images))
 
 
 def _statistics(found: inputs.FeatureSet):

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+import tqdm
 from absl import logging
 from etils import epath
 from flax import nnx
@@ -55,8 +56,17 @@ def host_share_features(extract: InceptionFeatures, images: np.ndarray) -> np.nd
       (len(images), -1))
 
 
-def features_of(extract: InceptionFeatures, batches: Iterable[np.ndarray]) -> np.ndarray:
-  return np.concatenate([host_share_features(extract, b) for b in batches])
+def features_of(extract: InceptionFeatures, batches: Iterable[np.ndarray],
+                total: int | None = None) -> np.ndarray:
+  """Features [N, 2048] of uint8 batches, with a progress bar over `total` images (host 0)."""
+  bar = tqdm.tqdm(total=total, desc="Inception features", unit="img", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  with bar:
+    out = []
+    for images in batches:
+      out.append(host_share_features(extract, images))
+      bar.update(len(images))
+  return np.concatenate(out)
 
 
 def digit_images(images: np.ndarray) -> np.ndarray:
@@ -105,7 +115,8 @@ class Evaluator:
       images = digit_images(np.concatenate(images))
       return digits.digit_metrics(self._classifier, images,
                                   np.concatenate(labels) if self.conditional else None)
-    features = features_of(self._inception, (images for images, _ in self._samples(model)))
+    features = features_of(self._inception, (images for images, _ in self._samples(model)),
+                           self.num_samples)
     return self._inception_metrics(features)
 
   def _inception_metrics(self, features: np.ndarray) -> dict[str, float]:
@@ -122,13 +133,15 @@ class Evaluator:
     if e.reference:
       found = inputs.read_set(e.reference)
       if isinstance(found, inputs.ImageSet):
-        feats = features_of(self._inception, found.batches(self._batch_size()))
+        feats = features_of(self._inception, found.batches(self._batch_size()),
+                            found.num_images)
         found = inputs.FeatureSet(e.reference, features=feats)
       return found
     cached = os.path.join(self.workdir, REFERENCE_FILE)
     if epath.Path(cached).exists():
       return inputs.read_set(cached)
-    feats = features_of(self._inception, self._data_batches(int(e.reference_images)))
+    feats = features_of(self._inception, self._data_batches(int(e.reference_images)),
+                        int(e.reference_images))
     if jax.process_index() == 0:
       inputs.save_features(cached, feats)
     logging.info("reference: Inception features of %d training images, kept in %s", len(feats),

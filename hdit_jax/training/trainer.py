@@ -115,7 +115,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
       if evaluated:
         writer.evaluation(step, evaluator(model_def.merge(state.ema, state.buffers,
                                                           deterministic=True)))
-      if last_step != step and (sampled or evaluated):
+      if sampled or evaluated:
         # Sampling time is not training time: throughput restarts from here.
         jax.block_until_ready(state)
         last_time, last_step = time.perf_counter(), step
