@@ -15,14 +15,12 @@ interpolation-matrix products built in numpy by torch's source-index rule.
 """
 
 import functools
-from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
 from hdit_jax.evaluation.inception_weights import (CONVERT_CODE, CONVERT_COMMAND,
                                                    FID_WEIGHTS_URL, load_state_dict_into,
@@ -345,10 +343,3 @@ class InceptionFeatures:
       with jax.default_matmul_precision(self.precision):
         out = self._forward(self._state, images)
     return np.asarray(out, np.float32)[:n]
-
-  def features_of_batches(self, batches: Iterable[np.ndarray], progress: bool = True,
-                          total: int | None = None) -> np.ndarray:
-    """Concatenated features [sum N_i, 2048] of an iterable of uint8 batches."""
-    feats = [self(b) for b in tqdm(batches, total=total, disable=not progress,
-                                   desc="Inception features", unit="batch")]
-    return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32)

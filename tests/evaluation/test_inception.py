@@ -18,6 +18,7 @@ from safetensors import numpy as st_numpy
 from conftest import rel_l2
 from fid_fixture import fixture, state_dict, weights_path  # noqa: F401  pylint: disable=unused-import
 from hdit_jax.evaluation import inception_weights
+from hdit_jax.evaluation.evaluator import features_of
 from hdit_jax.evaluation.inception import (FEATURE_DIM, FID_WEIGHTS_URL, InceptionFeatures,
                                            load_inception, preprocess, resize_bilinear)
 
@@ -100,7 +101,7 @@ def test_grey_equals_repeated_rgb(fixture, extractor):
   rgb = np.repeat(grey, 3, axis=-1)
   np.testing.assert_array_equal(np.asarray(preprocess(jnp.asarray(grey))),
                                 np.asarray(preprocess(jnp.asarray(rgb))))
-  got = extractor.features_of_batches([grey], progress=False)
+  got = features_of(extractor, [grey])
   np.testing.assert_array_equal(got, extractor(rgb))
 
 
