@@ -65,12 +65,14 @@ class NpzStreamWriter:
       os.replace(self._local, self.path)   # complete, or absent
 
 
-def write_grid(images: np.ndarray, labels: np.ndarray | None, path: str) -> np.ndarray:
-  """path (a PNG) of uint8 images, and beside it path.labels.txt: the grid's labels by row."""
-  picture = grid.image_grid(images.astype(np.float32) / 127.5 - 1)
+def write_grid(images: np.ndarray, labels: np.ndarray | None, path: str,
+               columns: int | None = None) -> np.ndarray:
+  """path (a PNG) of uint8 images, `columns` per row (default: a square grid), and beside it
+  path.labels.txt: the grid's labels by row."""
+  nrow = columns or grid.grid_columns(len(images))
+  picture = grid.image_grid(images.astype(np.float32) / 127.5 - 1, nrow)
   grid.save_png(picture, path)
   if labels is not None:
-    nrow = grid.grid_columns(len(images))
     rows = [" ".join(str(int(v)) for v in labels[i:i + nrow]) for i in range(0, len(labels), nrow)]
     epath.Path(path[:-len(".png")] + ".labels.txt").write_text("\n".join(rows) + "\n")
   return picture

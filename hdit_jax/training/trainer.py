@@ -106,7 +106,8 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
         last_time, last_step = time.perf_counter(), step
       progress.update(1)
 
-      sampled = bool(training.sample_every) and step % training.sample_every == 0
+      sampled = bool(training.sample_every) and (
+          step % training.sample_every == 0 or step == training.num_steps)
       evaluated = evaluator is not None and (
           step == training.num_steps or (evaluation_every and step % evaluation_every == 0))
       if sampled:
@@ -139,12 +140,17 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
 def write_samples(config: Any, model: Any, mesh: jax.sharding.Mesh, step: int, workdir: str,
                   writer: metrics_lib.MetricWriter) -> None:
   """A grid of samples (workdir/samples/samples_<step>.png, its labels beside it, TensorBoard)
-  from the EMA model, drawn over the training mesh from the sharded weights."""
+  from the EMA model, drawn over the training mesh from the sharded weights. A conditional
+  model draws the classes in turn: with up to 16 classes, each column of the grid is one."""
+  num_images = int(config.training.num_sample_images)
+  num_classes = int(config.model.get("num_classes", 0))
+  labels = np.arange(num_images) % num_classes if num_classes else None
   images, labels = batches.sample_images(
-      model, config, int(config.training.num_sample_images), config.seed + 1, mesh=mesh,
+      model, config, num_images, config.seed + 1, labels=labels, mesh=mesh,
       batch_axes=mesh_lib.BATCH_AXES, progress=False)
   if jax.process_index() == 0:
-    conditional = bool(config.model.get("num_classes", 0))
-    picture = files.write_grid(images, labels if conditional else None,
-                               os.path.join(workdir, "samples", f"samples_{step:08d}.png"))
+    columns = num_classes if 0 < num_classes <= 16 else None
+    picture = files.write_grid(images, labels if num_classes else None,
+                               os.path.join(workdir, "samples", f"samples_{step:08d}.png"),
+                               columns)
     writer.image(step, "samples", picture)

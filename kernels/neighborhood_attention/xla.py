@@ -1,14 +1,15 @@
 """Neighborhood attention in plain jnp, with its own VJP: the portable fallback.
 
 Neither pass materialises the windows (the reference gathers 2k^2 copies of k and v):
-* Forward, 'offsets' (default): one pass per window offset (a, c) gathers each query's key at
-  that offset into a fused multiply-reduce, giving exactly the k^2 useful logits per query (so
-  XLA's cost analysis counts the true work); softmax over them, then one fused weighted sum of
-  the k^2 gathered values. Memory: the float32 logits, k^2 / head_dim of q's size in elements.
-* Forward 'halo', and the backward: each tile of (block_h x block_w) queries attends densely to
-  its key halo (block + k - 1 per axis, NATTEN windows clamped inside the map), masked per query
-  with the exact window rule: batched matmuls over a few times the useful work ((block+k-1)^2
-  logits per query; 4x for 8x8 tiles and k = 7), halos (1 + (k-1)/block)^2 times k and v.
+* Forward 'halo' (default), and the backward: each tile of (block_h x block_w) queries attends
+  densely to its key halo (block + k - 1 per axis, NATTEN windows clamped inside the map),
+  masked per query with the exact window rule: batched matmuls over a few times the useful work
+  ((block+k-1)^2 logits per query; 4x for 8x8 tiles and k = 7), halos (1 + (k-1)/block)^2 times
+  k and v. Tiles default to the size per axis that minimises padded queries x halo length.
+* Forward 'offsets': one pass per window offset (a, c) gathers each query's key at that offset
+  into a fused multiply-reduce, giving exactly the k^2 useful logits per query (so XLA's cost
+  analysis counts the true work); softmax over them, then one fused weighted sum of the k^2
+  gathered values. Its k^2 gathers make it 2-4x slower than 'halo' on the CPU.
 * The backward recomputes the probabilities from the saved log-sum-exp: dq per query tile, dk
   and dv per key tile over its inverse-neighborhood halo of queries, so nothing is scattered.
 
@@ -26,11 +27,20 @@ from hdit_kernels.neighborhood_attention import autodiff, tiling, windows
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Forward method ('offsets' or 'halo') and the tile of queries / keys per axis ('halo'
-  forward, dq; dk and dv)."""
-  forward: str = "offsets"
-  block_h: int = 8
-  block_w: int = 8
+  """Forward method ('halo' or 'offsets') and the tile of queries / keys per axis ('halo'
+  forward, dq; dk and dv; 0: `auto_tile`)."""
+  forward: str = "halo"
+  block_h: int = 0
+  block_w: int = 0
+
+
+def auto_tile(length: int, kernel_size: int) -> int:
+  """The tile, between max(k, 4) and 16 (or the whole axis if shorter), with the least work:
+  padded queries x keys per query halo; ties go to the larger tile (fewer, larger matmuls)."""
+  low = min(max(kernel_size, 4), length)
+  costs = {t: -(-length // t) * t * min(t + kernel_size - 1, length)
+           for t in range(low, max(low, min(16, length)) + 1)}
+  return min(costs, key=lambda t: (costs[t], -t))
 
 
 def _window_mask(pos: np.ndarray, keys: np.ndarray, length: int, kernel_size: int) -> np.ndarray:
@@ -70,8 +80,8 @@ def _halo(x: jax.Array, starts_h, span_h, starts_w, span_w) -> jax.Array:
 
 def _plans(shape, kernel_size, config):
   _, height, width = shape[:3]
-  return (tiling.axis_plan(height, kernel_size, config.block_h),
-          tiling.axis_plan(width, kernel_size, config.block_w))
+  return (tiling.axis_plan(height, kernel_size, config.block_h or auto_tile(height, kernel_size)),
+          tiling.axis_plan(width, kernel_size, config.block_w or auto_tile(width, kernel_size)))
 
 
 def _precision(dtype):

@@ -241,9 +241,17 @@ def test_wrong_config_type_is_refused():
 
 
 @pytest.mark.parametrize("b, h, w, n, d, ks, dil", [CASES[1], CASES[4], CASES[6]])
-def test_xla_halo_forward(b, h, w, n, d, ks, dil):
-  """The XLA path's other forward (halo-tiled matmuls; the default counts exact work)."""
+@pytest.mark.parametrize("config", [dict(forward="offsets"), dict(block_h=4, block_w=8)])
+def test_xla_other_forwards(b, h, w, n, d, ks, dil, config):
+  """The XLA path's exact-work forward, and the halo forward with tiles other than its own."""
   q, k, v = random_qkv(jax.random.key(h * 100 + w), (b, h, w, n, d))
   out = na.na2d(q, k, v, ks, dil, scale=0.7, implementation="xla",
-                config=na.xla.Config(forward="halo", block_h=4, block_w=8))
+                config=na.xla.Config(**config))
   assert rel_l2(out, brute_force_na(q, k, v, ks, dil, 0.7)) <= 1e-6
+
+
+@pytest.mark.parametrize("length, kernel_size, tile", [
+    (14, 7, 7), (16, 7, 8), (28, 7, 7), (64, 7, 8), (7, 7, 7), (3, 3, 3), (100, 3, 4)])
+def test_xla_auto_tile(length, kernel_size, tile):
+  """Tiles that waste no padding and keep halos short (14 = 2 x 7, not 2 x 8 with padding)."""
+  assert na.xla.auto_tile(length, kernel_size) == tile

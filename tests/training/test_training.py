@@ -108,31 +108,36 @@ def test_save_restore_identical_and_onto_another_mesh(tmp_path):
   checkpointer.close()
 
 
-def test_quickstart_loss_falls(tmp_path, digit_classifier_dir):
+def test_quickstart_learns_digits(tmp_path, digit_classifier_dir):
+  """The quickstart's own recipe, shortened: its loss falls and its class-conditional samples
+  become the digits asked for (chance is 0.1), with every artefact of a run written."""
   config = load_config(ROOT / "configs" / "quickstart.py")
-  config.training.update(num_steps=120, log_every=10, checkpoint_every=1000, sample_every=120,
-                         num_sample_images=4, profile_steps=(5, 2))
+  config.training.update(num_steps=500, log_every=50, checkpoint_every=1000, sample_every=500,
+                         num_sample_images=20, profile_steps=(5, 2))
   config.sampling.steps = 4
-  config.evaluation.update(num_samples=50, steps=4, every=100)
-  config.data.batch_size = 32
+  config.evaluation.update(num_samples=300, steps=10, every=250)
   config.mesh.update(data=1)
   shutil.copy(digit_classifier_dir / digits.FILENAME, tmp_path / digits.FILENAME)
   train(config, str(tmp_path), devices=jax.devices()[:1])
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   losses = [r["loss"] for r in records]
-  assert len(losses) == 12
-  assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
-  assert (tmp_path / "samples" / "samples_00000120.png").exists()
+  assert len(losses) == 10
+  assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:2]), losses
+  assert (tmp_path / "samples" / "samples_00000500.png").exists()
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-  assert (tmp_path / "ema_00000120.safetensors").exists()
+  assert (tmp_path / "ema_00000500.safetensors").exists()
   assert list((tmp_path / "profile").rglob("*.xplane.pb"))
   assert all(k in records[-1] for k in ("grad_norm", "lr", "images_per_second",
                                         "tflops_per_device", "step_time"))
-  # The digit metric at step 100 and at the last step, in eval.jsonl and TensorBoard.
+  # The digit metric at step 250 and at the last: accuracy and FD improve with training (measured
+  # on a 2-core CPU: FD 114 -> 49, accuracy 0.21 -> 0.35 from step 200 to 500).
   evaluations = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
-  assert [e["step"] for e in evaluations] == [100, 120]
-  for e in evaluations:
-    assert e["digits_fd"] > 0 and 0 <= e["digits_class_accuracy"] <= 1
-  labels = (tmp_path / "samples" / "samples_00000120.labels.txt").read_text().split()
-  assert len(labels) == 4 and all(0 <= int(v) < 10 for v in labels)
+  assert [e["step"] for e in evaluations] == [250, 500]
+  first, last = evaluations
+  assert last["digits_class_accuracy"] >= 0.25, evaluations
+  assert last["digits_class_accuracy"] > first["digits_class_accuracy"] + 0.05, evaluations
+  assert last["digits_fd"] < 0.75 * first["digits_fd"], evaluations
+  # One class per column: the grid's rows are 0 .. 9.
+  rows = (tmp_path / "samples" / "samples_00000500.labels.txt").read_text().splitlines()
+  assert rows == [" ".join(str(c) for c in range(10))] * 2
 
