@@ -8,7 +8,9 @@ Run the same command on every host of a TPU slice; `jax.distributed.initialize()
 others (it is skipped on one host).
 """
 
+import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -21,6 +23,7 @@ from hdit_jax.training import metrics as metrics_lib
 from hdit_jax.training import trainer
 from hdit_jax.training import workdir as workdir_lib
 from hdit_jax.training.export import export_ema
+from hdit_jax.training.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -55,16 +58,47 @@ def initialize_distributed() -> None:
     logging.info("single host (%s)", e)
 
 
+def _user_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config override that names no key (or a value of the wrong
+  type) reported in one line instead of ml_collections' traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _user_error(f"{e}\n(--helpfull lists the flags)")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _user_error(f"a --config.* override cannot be applied: {e}. Every key must exist in "
+                "hdit_jax/config.py (its defaults) and take a value of the default's type.")
+
+
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+  """Drops orbax's INFO lines (about a hundred per run, breaking up the progress bar)."""
+  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def main(argv):
   del argv
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   initialize_distributed()
   logging.info("JAX %s: process %d of %d, %d devices", jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count())
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    _run(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, FileNotFoundError) as e:
+    _user_error(str(e))
+
+
+def _run(config, workdir: str) -> None:
   if _MODE.value == "train":
-    trainer.train(config, workdir)
+    state = trainer.train(config, workdir)
+    if jax.process_index() == 0:
+      _say_where(config, workdir, int(state.step))
     return
   restored = workdir_lib.restore_ema(config, workdir, _STEP.value)
   is_host0 = jax.process_index() == 0
@@ -82,6 +116,23 @@ def main(argv):
     export_ema(config, restored.model_def, restored.state, path, write=is_host0)
     if is_host0:
       print(f"wrote {path}")
+
+
+def _say_where(config, workdir: str, step: int) -> None:
+  """The closing line of a run: where its results are."""
+  if step < config.training.num_steps:
+    print(f"stopped at step {step} of {config.training.num_steps} (preempted), checkpoint saved "
+          f"in {workdir_lib.checkpoint_dir(workdir)}: the same command resumes")
+    return
+  written = [f"EMA weights {os.path.join(workdir, f'ema_{step:08d}.safetensors')}",
+             f"checkpoints {workdir_lib.checkpoint_dir(workdir)}",
+             f"metrics {os.path.join(workdir, 'metrics.jsonl')} and TensorBoard "
+             f"{os.path.join(workdir, 'tensorboard')}"]
+  if config.training.sample_every:
+    written.append(f"sample grids {os.path.join(workdir, 'samples')}")
+  if config.evaluation.metric:
+    written.append(f"{config.evaluation.metric} metrics {os.path.join(workdir, 'eval.jsonl')}")
+  print(f"trained to step {step}: " + "; ".join(written))
 
 
 def _sample(config, workdir: str, restored: workdir_lib.Restored) -> None:
@@ -103,4 +154,4 @@ def _sample(config, workdir: str, restored: workdir_lib.Restored) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

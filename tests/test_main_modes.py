@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).parent.parent
 TINY = ROOT / "tests" / "training" / "tiny_config.py"
 
 
-def run_main(workdir, *args):
-  return subprocess.run([sys.executable, "-m", "hdit_jax.main", f"--config={TINY}",
+def run_main(workdir, *args, config=TINY):
+  return subprocess.run([sys.executable, "-m", "hdit_jax.main", f"--config={config}",
                          f"--workdir={workdir}", *args], capture_output=True, text=True,
                         cwd=ROOT, timeout=900)
 
@@ -56,10 +56,48 @@ def test_sample_evaluate_export_from_a_workdir(tmp_path, digit_classifier_dir):
   settings = weights.load_settings(str(exported))
   assert settings["diffusion"]["sigma_data"] == 0.6 and settings["sampling"]["sampler"] == "euler"
 
+  # Training again: at the checkpoint's step there is nothing to do, and the closing line says
+  # where everything is; below it, a one-line error instead of silently doing nothing.
+  result = run_main(workdir, "--config.training.num_steps=4")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"trained to step 4: EMA weights {exported}" in result.stdout, result.stdout
+  result = run_main(workdir, "--config.training.num_steps=3")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "is at step 4, past training.num_steps = 3" in result.stderr
+  assert "Traceback" not in result.stderr
+
 
 def test_missing_workdir_is_an_error_and_stays_missing(tmp_path):
   missing = tmp_path / "nothing"
   for mode in ("sample", "export", "evaluate"):
     result = run_main(missing, f"--mode={mode}")
-    assert result.returncode != 0 and "no checkpoints" in result.stderr
+    assert result.returncode == 2 and "no checkpoints" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
     assert not missing.exists()
+
+
+def test_bad_config_is_refused_in_one_line(tmp_path):
+  """Unknown keys (on the command line or in the file) and impossible values: exit 2 with the
+  key named, no traceback, nothing written."""
+  config_file = tmp_path / "typo_config.py"
+  config_file.write_text(
+      "import importlib.util\n"
+      f"spec = importlib.util.spec_from_file_location('tiny', {str(TINY)!r})\n"
+      "tiny = importlib.util.module_from_spec(spec)\n"
+      "spec.loader.exec_module(tiny)\n"
+      "def get_config():\n"
+      "  c = tiny.get_config()\n"
+      "  c.training.num_step = 10\n"
+      "  return c\n")
+  cases = [
+      (TINY, ["--config.training.foo=1"], "foo"),
+      (TINY, ["--config.training.num_steps=abc"], "num_steps"),
+      (TINY, ["--config.training.num_steps=0"], "training.num_steps must be >= 1"),
+      (config_file, [], "unknown config keys: ['training.num_step']"),
+  ]
+  workdir = tmp_path / "run"
+  for config, args, message in cases:
+    result = run_main(workdir, *args, config=config)
+    assert result.returncode == 2, (args, result.stderr[-3000:])
+    assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    assert not workdir.exists(), args

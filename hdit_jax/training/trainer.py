@@ -23,7 +23,7 @@ from hdit_jax.training import metrics as metrics_lib
 from hdit_jax.training import state as state_lib
 from hdit_jax.training.export import export_ema
 from hdit_jax.training.step import make_train_step
-from hdit_jax.training.validate import validate_config
+from hdit_jax.training.validate import ConfigError, validate_config
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding):
@@ -57,6 +57,14 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   else:
     state = init()
   start_step = int(state.step)
+  if start_step > training.num_steps:
+    checkpointer.close()
+    raise ConfigError(f"the checkpoint in {workdir} is at step {start_step}, past "
+                      f"training.num_steps = {training.num_steps}: raise training.num_steps to "
+                      "train on, or use another workdir")
+  if start_step == training.num_steps:
+    logging.info("the checkpoint in %s is at training.num_steps = %d: nothing to train",
+                 workdir, start_step)
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
   sigma_groups = mesh.shape["data"] * mesh.shape["fsdp"]

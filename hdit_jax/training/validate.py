@@ -27,8 +27,21 @@ def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
   return unknown
 
 
+class ConfigError(ValueError):
+  """A config or workdir that cannot run; the message names the key and what to change."""
+
+
 def validate_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
-  """Raise ValueError for the first class of problems found in `config`."""
+  """Raise ConfigError for the first class of problems found in `config`."""
+  try:
+    _validate(config, num_devices, num_processes)
+  except ConfigError:
+    raise
+  except ValueError as err:   # the checks of the model specs and sampler settings
+    raise ConfigError(str(err)) from err
+
+
+def _validate(config: Any, num_devices: int, num_processes: int) -> None:
   base = base_config()
   unknown = [k for k in config.keys() if k not in base]
   for section in _CHECKED_SECTIONS:

@@ -2,8 +2,11 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,7 +16,6 @@ from hdit_jax.training import checkpoint as ckpt_lib
 from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import state as state_lib
 from hdit_jax.training.step import make_train_step
-from hdit_jax.training.trainer import train
 
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -109,35 +111,44 @@ def test_save_restore_identical_and_onto_another_mesh(tmp_path):
 
 
 def test_quickstart_learns_digits(tmp_path, digit_classifier_dir):
-  """The quickstart's own recipe, shortened: its loss falls and its class-conditional samples
-  become the digits asked for (chance is 0.1), with every artefact of a run written."""
-  config = load_config(ROOT / "configs" / "quickstart.py")
-  config.training.update(num_steps=500, log_every=50, checkpoint_every=1000, sample_every=500,
-                         num_sample_images=20, profile_steps=(5, 2))
-  config.sampling.steps = 4
-  config.evaluation.update(num_samples=300, steps=10, every=250)
-  config.mesh.update(data=1)
-  shutil.copy(digit_classifier_dir / digits.FILENAME, tmp_path / digits.FILENAME)
-  train(config, str(tmp_path), devices=jax.devices()[:1])
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  """The README's first command with the quickstart's own recipe, shortened: its loss falls and
+  its class-conditional samples become the digits asked for (chance is 0.1), with every
+  artefact of a run written and a closing line that says where."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  shutil.copy(digit_classifier_dir / digits.FILENAME, workdir / digits.FILENAME)
+  overrides = dict(training=dict(num_steps=500, log_every=50, checkpoint_every=1000,
+                                 sample_every=500, num_sample_images=20, profile_steps="(5,2)"),
+                   sampling=dict(steps=4), evaluation=dict(num_samples=300, steps=10, every=250))
+  flags = [f"--config.{section}.{key}={value}" for section, values in overrides.items()
+           for key, value in values.items()]
+  # One CPU device, as a user's run has (the tests' 8 fake devices slow the step by a third).
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "hdit_jax.main", "--config=configs/quickstart.py",
+       f"--workdir={workdir}", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"trained to step 500: EMA weights {workdir / 'ema_00000500.safetensors'}" in result.stdout
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   losses = [r["loss"] for r in records]
   assert len(losses) == 10
   assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:2]), losses
-  assert (tmp_path / "samples" / "samples_00000500.png").exists()
-  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-  assert (tmp_path / "ema_00000500.safetensors").exists()
-  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert (workdir / "samples" / "samples_00000500.png").exists()
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "ema_00000500.safetensors").exists()
+  assert list((workdir / "profile").rglob("*.xplane.pb"))
   assert all(k in records[-1] for k in ("grad_norm", "lr", "images_per_second",
                                         "tflops_per_device", "step_time"))
   # The digit metric at step 250 and at the last: accuracy and FD improve with training (measured
   # on a 2-core CPU: FD 114 -> 49, accuracy 0.21 -> 0.35 from step 200 to 500).
-  evaluations = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+  evaluations = [json.loads(line) for line in open(workdir / "eval.jsonl")]
   assert [e["step"] for e in evaluations] == [250, 500]
   first, last = evaluations
   assert last["digits_class_accuracy"] >= 0.25, evaluations
   assert last["digits_class_accuracy"] > first["digits_class_accuracy"] + 0.05, evaluations
   assert last["digits_fd"] < 0.75 * first["digits_fd"], evaluations
   # One class per column: the grid's rows are 0 .. 9.
-  rows = (tmp_path / "samples" / "samples_00000500.labels.txt").read_text().splitlines()
+  rows = (workdir / "samples" / "samples_00000500.labels.txt").read_text().splitlines()
   assert rows == [" ".join(str(c) for c in range(10))] * 2
 
