@@ -6,6 +6,7 @@ from hdit_jax.config import base_config
 from hdit_jax.data.sources import SOURCES
 from hdit_jax.diffusion.densities import DENSITIES
 from hdit_jax.diffusion.losses import WEIGHTINGS
+from hdit_jax.evaluation.digits import NUM_CLASSES as DIGIT_CLASSES
 from hdit_jax.evaluation.evaluator import evaluation_settings
 from hdit_jax.sampling.generate import SamplerSettings
 from hdit_jax.training.mesh import mesh_shape
@@ -113,6 +114,11 @@ def _validate_sampling(config: Any) -> None:
   evaluation = config.evaluation
   if evaluation.metric not in METRICS:
     raise ValueError(f"evaluation.metric must be one of {METRICS}, got {evaluation.metric!r}")
+  classes = int(config.model.get("num_classes", 0))
+  if evaluation.metric == "digits" and classes not in (0, DIGIT_CLASSES):
+    raise ValueError(f"evaluation.metric = 'digits' scores the {DIGIT_CLASSES} digit classes, but "
+                     f"model.num_classes = {classes}: set model.num_classes = {DIGIT_CLASSES} "
+                     "(or 0) for a digit dataset")
   if evaluation.metric and int(evaluation.num_samples) < 2:
     raise ValueError("evaluation.num_samples must be at least 2")
   if evaluation.metric == "fid" and not evaluation.inception_weights:

@@ -33,6 +33,8 @@ def test_shipped_configs_are_valid(name, arg):
     (lambda c: c.model.update(widths=(16, 30)), "multiple of d_heads"),
     (lambda c: c.model.update(depths=(1, 1, 1)), "model.widths has 2 entries"),
     (lambda c: c.data.update(source="s3"), "data.source"),
+    (lambda c: (c.model.update(num_classes=1000), c.evaluation.update(metric="digits")),
+     "scores the 10 digit classes"),
 ])
 def test_invalid_configs(change, message):
   config = tiny_config()
