@@ -141,8 +141,8 @@ def worker(args) -> None:
     json.dump({"train_seconds": train_seconds, "finals": finals}, f)
 
 
-def _launch(name, workdir, args, env, prefix=()):
-  command = [*prefix, sys.executable, os.path.abspath(__file__), f"--worker={name}",
+def _launch(name, workdir, args, env):
+  command = [sys.executable, os.path.abspath(__file__), f"--worker={name}",
              f"--workdir={workdir}", f"--steps={args.steps}", f"--eval_every={args.eval_every}",
              f"--eval_samples={args.eval_samples}", f"--eval_guidance={args.eval_guidance}",
              f"--final_samples={args.final_samples}", f"--guidance={args.guidance}"]
@@ -171,7 +171,7 @@ def collect(name, workdir):
   metrics = _read_jsonl(workdir / "metrics.jsonl")
   step_times = [m["step_time"] for m in metrics[2:]]   # past compilation
   final = workdir / "final.json"
-  return {"variant": name, "overrides": {k: v for k, v in VARIANTS[name].items()},
+  return {"variant": name, "overrides": dict(VARIANTS[name]),
           "evaluations": _read_jsonl(workdir / "eval.jsonl"),
           "finals": json.loads(final.read_text())["finals"] if final.exists() else [],
           "last_step": metrics[-1]["step"] if metrics else 0,

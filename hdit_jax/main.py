@@ -22,7 +22,7 @@ from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import metrics as metrics_lib
 from hdit_jax.training import trainer
 from hdit_jax.training import workdir as workdir_lib
-from hdit_jax.training.export import export_ema
+from hdit_jax.training.export import ema_path, export_ema
 from hdit_jax.training.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -68,7 +68,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   type) reported in one line instead of ml_collections' traceback."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  except flags.Error as e:   # absl's own report exits 1; every user error here exits 2
     _user_error(f"{e}\n(--helpfull lists the flags)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     _user_error(f"a --config.* override cannot be applied: {e}. Every key must exist in "
@@ -112,7 +112,7 @@ def _run(config, workdir: str) -> None:
     finally:
       writer.close()
   else:
-    path = os.path.join(workdir, f"ema_{restored.step:08d}.safetensors")
+    path = ema_path(workdir, restored.step)
     export_ema(config, restored.model_def, restored.state, path, write=is_host0)
     if is_host0:
       print(f"wrote {path}")
@@ -124,7 +124,7 @@ def _say_where(config, workdir: str, step: int) -> None:
     print(f"stopped at step {step} of {config.training.num_steps} (preempted), checkpoint saved "
           f"in {workdir_lib.checkpoint_dir(workdir)}: the same command resumes")
     return
-  written = [f"EMA weights {os.path.join(workdir, f'ema_{step:08d}.safetensors')}",
+  written = [f"EMA weights {ema_path(workdir, step)}",
              f"checkpoints {workdir_lib.checkpoint_dir(workdir)}",
              f"metrics {os.path.join(workdir, 'metrics.jsonl')} and TensorBoard "
              f"{os.path.join(workdir, 'tensorboard')}"]

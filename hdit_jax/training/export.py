@@ -1,11 +1,17 @@
 """Export of the EMA weights alone, for sampling (and on to k-diffusion through the converter)."""
 
+import os
 from typing import Any
 
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from hdit_jax import weights
+
+
+def ema_path(workdir: str, step: int) -> str:
+  """Where a workdir's EMA weights of `step` are exported."""
+  return os.path.join(workdir, f"ema_{step:08d}.safetensors")
 
 
 def export_ema(config: Any, model_def: Any, state: Any, path: str, *, write: bool = True) -> None:

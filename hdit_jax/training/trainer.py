@@ -21,7 +21,7 @@ from hdit_jax.training import checkpoint as ckpt_lib
 from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import metrics as metrics_lib
 from hdit_jax.training import state as state_lib
-from hdit_jax.training.export import export_ema
+from hdit_jax.training.export import ema_path, export_ema
 from hdit_jax.training.step import make_train_step
 from hdit_jax.training.validate import ConfigError, validate_config
 
@@ -52,16 +52,14 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=training.keep_checkpoints,
       keep_every=training.keep_every, use_ocdbt=training.checkpoint_ocdbt)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(abstract_state, data_iterator)
-  else:
-    state = init()
-  start_step = int(state.step)
-  if start_step > training.num_steps:
+  latest = checkpointer.latest_step()
+  if latest is not None and latest > training.num_steps:
     checkpointer.close()
-    raise ConfigError(f"the checkpoint in {workdir} is at step {start_step}, past "
+    raise ConfigError(f"the checkpoint in {workdir} is at step {latest}, past "
                       f"training.num_steps = {training.num_steps}: raise training.num_steps to "
                       "train on, or use another workdir")
+  state = checkpointer.restore(abstract_state, data_iterator) if latest is not None else init()
+  start_step = int(state.step)
   if start_step == training.num_steps:
     logging.info("the checkpoint in %s is at training.num_steps = %d: nothing to train",
                  workdir, start_step)
@@ -135,7 +133,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
         checkpointer.wait()
         logging.warning("preempted at step %d: checkpoint saved, exiting", step)
         return state
-    export_ema(config, model_def, state, os.path.join(workdir, f"ema_{step:08d}.safetensors"),
+    export_ema(config, model_def, state, ema_path(workdir, step),
                write=is_host0)
   finally:
     checkpointer.close()
