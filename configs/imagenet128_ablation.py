@@ -16,47 +16,17 @@ All rows: ImageNet 128x128, patch 4, mapping network width 768 and depth 1, Adam
 (0.9, 0.95), weight decay 1e-2, EMA power 0.75, class dropout 0.1.
 """
 
-from hdit_jax.config import base_config, dit_model, hdit_model
-
-LADDER = ("dit_b4", "hourglass", "natten", "geglu", "rope", "soft_min_snr")
-SIDE = ("shifted_window", "skip_add", "skip_concat")
-
-
-def _hdit_row(variant: str):
-  """Model fields and loss weighting of an hourglass row: each rung adds one change."""
-  rung = LADDER.index(variant) if variant in LADDER else len(LADDER) - 1
-  fields = dict(
-      input_size=(128, 128), patch_size=(4, 4), depths=(2, 11), widths=(384, 768),
-      d_ffs=(1536, 3072), attention=("shifted-window", "global"), d_heads=(64, 64),
-      kernel_sizes=(7, 7), window_sizes=(8, 8), dropout_rate=(0.0, 0.0),
-      mapping_width=768, mapping_depth=1, mapping_d_ff=2304, num_classes=1000,
-      feed_forward="gelu", position_embedding="sincos", skip="lerp")
-  if rung >= LADDER.index("natten"):
-    fields["attention"] = ("neighborhood", "global")
-  if rung >= LADDER.index("geglu"):
-    fields.update(feed_forward="geglu", d_ffs=())
-  if rung >= LADDER.index("rope"):
-    fields["position_embedding"] = "rope"
-  weighting = "soft-min-snr" if rung >= LADDER.index("soft_min_snr") else "snr"
-  if variant == "shifted_window":
-    fields["attention"] = ("shifted-window", "global")
-  elif variant == "skip_add":
-    fields["skip"] = "add"
-  elif variant == "skip_concat":
-    fields["skip"] = "concat"
-  return hdit_model(**fields), weighting
+from hdit_jax.config import ablation_model, base_config, dit_model, hdit_model
 
 
 def get_config(arg=None):
-  variant = arg or "soft_min_snr"
-  if variant not in LADDER + SIDE:
-    raise ValueError(f"unknown ablation variant {variant!r}; expected one of {LADDER + SIDE}")
   c = base_config()
-  if variant == "dit_b4":
-    c.model = dit_model("B/4", input_size=(128, 128), num_classes=1000)
-    c.diffusion.loss_weighting = "snr"
-  else:
-    c.model, c.diffusion.loss_weighting = _hdit_row(variant)
+  c.model, c.diffusion.loss_weighting = ablation_model(
+      arg or "soft_min_snr", dit_model("B/4", input_size=(128, 128), num_classes=1000),
+      input_size=(128, 128), patch_size=(4, 4), depths=(2, 11), widths=(384, 768),
+      d_ffs=(1536, 3072), d_heads=(64, 64), kernel_sizes=(7, 7), window_sizes=(8, 8),
+      dropout_rate=(0.0, 0.0), mapping_width=768, mapping_depth=1, mapping_d_ff=2304,
+      num_classes=1000)
   c.diffusion.sigma_max = 160.0
   c.optimizer.update(lr=5e-4, b1=0.9, b2=0.95, weight_decay=1e-2)
   c.data.update(source="tfds", name="imagenet2012", image_size=128, batch_size=256)

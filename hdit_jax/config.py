@@ -54,6 +54,41 @@ def dit_model(variant: str = "B/4", **overrides) -> ml_collections.ConfigDict:
   return model
 
 
+# The paper's ablation ladder (section 5.1, table 1): each rung adds one change to the one
+# before; the side variants change one part of the last rung.
+ABLATION_LADDER = ("dit_b4", "hourglass", "natten", "geglu", "rope", "soft_min_snr")
+ABLATION_SIDE = ("shifted_window", "skip_add", "skip_concat")
+
+
+def ablation_model(variant: str, dit: ml_collections.ConfigDict, **hourglass):
+  """(model section, loss weighting) of one ablation variant.
+
+  `dit` is the first rung's model; `hourglass` the fields of the second rung (two levels,
+  shifted windows then global attention, a GELU feed-forward with explicit d_ffs, additive
+  sin-cos positions, lerp skips), which the later rungs change one at a time.
+  """
+  variants = ABLATION_LADDER + ABLATION_SIDE
+  if variant not in variants:
+    raise ValueError(f"unknown ablation variant {variant!r}; expected one of {variants}")
+  if variant == "dit_b4":
+    return dit, "snr"
+  rung = ABLATION_LADDER.index(variant) if variant in ABLATION_LADDER else len(ABLATION_LADDER)
+  fields = dict(hourglass, attention=("shifted-window", "global"), feed_forward="gelu",
+                position_embedding="sincos", skip="lerp")
+  if rung >= ABLATION_LADDER.index("natten"):
+    fields["attention"] = ("neighborhood", "global")
+  if rung >= ABLATION_LADDER.index("geglu"):
+    fields.update(feed_forward="geglu", d_ffs=())
+  if rung >= ABLATION_LADDER.index("rope"):
+    fields["position_embedding"] = "rope"
+  weighting = "soft-min-snr" if rung >= ABLATION_LADDER.index("soft_min_snr") else "snr"
+  if variant == "shifted_window":
+    fields["attention"] = ("shifted-window", "global")
+  elif variant in ("skip_add", "skip_concat"):
+    fields["skip"] = variant.removeprefix("skip_")
+  return hdit_model(**fields), weighting
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -87,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
       split="train",
       data_dir="",                     # tfds data_dir ('' : the tfds default)
       image_size=256,
+      fit="crop",                      # crop: resize and centre-crop | pad: centre, black border
       augment_prob=0.0,                # non-leaky augmentation (9-dim aug_cond)
       hflip=False,
       batch_size=256,                  # global batch

@@ -42,11 +42,7 @@ def make_loader(config: Any, seed: int, *, num_epochs: int | None = None,
                 shuffle: bool = True) -> tuple[grain.DataLoader, int]:
   """(DataLoader yielding per-host batches {'image', 'label', 'aug_cond'?}, num_classes)."""
   data = config.data
-  channels = int(config.model.input_channels)
-  raw = sources.make_source(data, config.model)
-  size = int(data.image_size)
-  source = sources.DecodedSource(raw, channels,
-                                 lambda image: transforms.resize_center_crop(image, size))
+  source = sources.decoded_source(data, config.model)
   loader = grain.DataLoader(
       data_source=source,
       sampler=grain.samplers.IndexSampler(
@@ -57,4 +53,4 @@ def make_loader(config: Any, seed: int, *, num_epochs: int | None = None,
                   grain.transforms.Batch(per_host_batch_size(int(data.batch_size)),
                                          drop_remainder=True)],
       worker_count=int(data.num_workers))
-  return loader, int(getattr(raw, "num_classes", 0))
+  return loader, int(getattr(source.source, "num_classes", 0))

@@ -13,6 +13,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from hdit_jax.data import transforms
 from hdit_jax.data.embedded import load_embedded
 
 SOURCES = ("tfds", "folder", "embedded", "synthetic")
@@ -177,3 +178,10 @@ def make_source(cfg: Any, model_cfg: Any = None) -> Any:
   if cfg.source == "tfds":
     return TfdsSource(cfg.name, cfg.split, cfg.get("data_dir") or None)
   raise ValueError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
+
+
+def decoded_source(cfg: Any, model_cfg: Any) -> DecodedSource:
+  """The configured source, decoded to the model's channels and fitted to `data.image_size`."""
+  size, fit = int(cfg.image_size), str(cfg.fit)
+  return DecodedSource(make_source(cfg, model_cfg), int(model_cfg.input_channels),
+                       lambda image: transforms.fit_to_size(image, size, fit))

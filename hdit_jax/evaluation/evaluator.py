@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
-from hdit_jax.data import sources, transforms
+from hdit_jax.data import sources
 from hdit_jax.evaluation import digits, inputs, metrics
 from hdit_jax.evaluation.inception import InceptionFeatures, load_inception
 from hdit_jax.sampling.batches import sample_batches
@@ -153,12 +153,8 @@ class Evaluator:
     return -(-size // jax.process_count()) * jax.process_count()
 
   def _data_batches(self, count: int) -> Iterator[np.ndarray]:
-    """`count` training images (a fixed random subset), resized and cropped as for training."""
-    data = self.config.data
-    raw = sources.make_source(data, self.config.model)
-    size = int(data.image_size)
-    source = sources.DecodedSource(raw, int(self.config.model.input_channels),
-                                   lambda image: transforms.resize_center_crop(image, size))
+    """`count` training images (a fixed random subset), fitted to size as for training."""
+    source = sources.decoded_source(self.config.data, self.config.model)
     order = np.random.default_rng(0).permutation(len(source))[:count]
     batch = self._batch_size()
     for start in range(0, len(order), batch):

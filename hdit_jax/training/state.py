@@ -40,7 +40,8 @@ class ModelDef:
     if dropout_key is not None:
       nnx.reseed(model, default=dropout_key)
     if deterministic:
-      model = nnx.view(model, deterministic=True)
+      # Models without dropout (the DiT) have nothing to switch: not an error.
+      model = nnx.view(model, deterministic=True, raise_if_not_found=False)
     return model
 
 

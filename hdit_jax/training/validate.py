@@ -4,6 +4,7 @@ from typing import Any
 
 from hdit_jax.config import base_config
 from hdit_jax.data.sources import SOURCES
+from hdit_jax.data.transforms import FITS
 from hdit_jax.diffusion.densities import DENSITIES
 from hdit_jax.diffusion.losses import WEIGHTINGS
 from hdit_jax.evaluation.digits import NUM_CLASSES as DIGIT_CLASSES
@@ -94,6 +95,8 @@ def _validate(config: Any, num_devices: int, num_processes: int) -> None:
     raise ValueError("diffusion.cond_dropout_rate must be in [0, 1)")
   if config.data.source not in SOURCES:
     raise ValueError(f"data.source must be one of {SOURCES}, got {config.data.source!r}")
+  if config.data.fit not in FITS:
+    raise ValueError(f"data.fit must be one of {FITS}, got {config.data.fit!r}")
   if int(config.training.num_steps) < 1:
     raise ValueError("training.num_steps must be >= 1")
 

@@ -134,3 +134,30 @@ def test_pure_flip_matches_mirror():
       np.testing.assert_allclose(out, image[:, ::-1], atol=1e-4)
       return
   pytest.fail("no flip drawn")
+
+
+def test_pad_fit_centres_without_resampling():
+  rng = np.random.default_rng(3)
+  image = rng.integers(1, 256, (5, 7, 1), dtype=np.uint8)   # odd, non-square, no zero pixel
+  padded = transforms.fit_to_size(image, 10, "pad")
+  assert padded.shape == (10, 10, 1)
+  np.testing.assert_array_equal(padded[2:7, 1:8], image)    # (10-5)//2 = 2 rows, (10-7)//2 = 1
+  assert padded.sum() == image.astype(np.int64).sum()       # the border is black
+  np.testing.assert_array_equal(transforms.fit_to_size(image[:, :5], 5, "pad"), image[:, :5])
+  with pytest.raises(ValueError, match="does not fit"):
+    transforms.pad_to_size(image, 6)
+
+
+def test_pad_fit_through_the_loader():
+  c = base_config()
+  c.model = hdit_model(input_size=(32, 32), input_channels=1, patch_size=(2, 2), depths=(1,),
+                       widths=(16,), d_heads=(8,), num_classes=10)
+  c.data.update(source="embedded", name="mnist", image_size=32, fit="pad", batch_size=4,
+                num_workers=0)
+  loader, _ = make_loader(c, seed=0, shuffle=False)
+  batch = next(iter(loader))
+  mnist = sources.EmbeddedSource("mnist")
+  assert batch["image"].shape == (4, 32, 32, 1)
+  np.testing.assert_allclose(batch["image"][0, 2:30, 2:30],
+                             mnist[0]["image"].astype(np.float32) / 127.5 - 1, atol=1e-6)
+  np.testing.assert_array_equal(batch["image"][:, :2], -1.0)   # black border in [-1, 1]

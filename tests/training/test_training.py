@@ -152,3 +152,39 @@ def test_quickstart_learns_digits(tmp_path, digit_classifier_dir):
   rows = (workdir / "samples" / "samples_00000500.labels.txt").read_text().splitlines()
   assert rows == [" ".join(str(c) for c in range(10))] * 2
 
+
+
+def test_the_dit_baseline_trains_samples_and_is_scored(tmp_path, digit_classifier_dir):
+  """The training loop with a DiT, which has no dropout to switch off for sampling."""
+  from hdit_jax.config import dit_model  # pylint: disable=import-outside-toplevel
+  from hdit_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data=1)
+  config.model = dit_model(depth=1, width=32, num_heads=2, patch_size=2, input_size=(16, 16),
+                           input_channels=1, num_classes=10, dtype="float32")
+  config.training.update(num_steps=2, checkpoint_every=2, sample_every=2)
+  config.evaluation.update(metric="digits", num_samples=8, steps=2, batch_size=8)
+  shutil.copy(digit_classifier_dir / digits.FILENAME, tmp_path / digits.FILENAME)
+  trainer.train(config, str(tmp_path), jax.devices()[:1])
+  scored = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+  assert [e["step"] for e in scored] == [2] and 0 <= scored[0]["digits_class_accuracy"] <= 1
+  assert (tmp_path / "samples" / "samples_00000002.png").exists()
+
+
+def test_deterministic_merge_switches_dropout_off():
+  config = tiny_config(data=1)   # dropout 0.1 in its second level
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  model_def, _, _, _, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
+  state = init()
+  # Perturbed, so that the zero-initialised output projection lets dropout show.
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape),
+                        state.params)
+  batch = random_batch(config, 4)
+  x, sigma = jax.numpy.asarray(batch["image"]), jax.numpy.full((4,), 2.0)
+  label = jax.numpy.asarray(batch["label"])
+
+  def output(seed, deterministic):
+    model = model_def.merge(params, state.buffers, jax.random.key(seed), deterministic)
+    return np.asarray(model(x, sigma, class_cond=label))
+
+  np.testing.assert_array_equal(output(0, True), output(1, True))
+  assert not np.allclose(output(0, False), output(1, False))

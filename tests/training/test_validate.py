@@ -6,15 +6,18 @@ import sys
 
 import pytest
 
+from hdit_jax.config import ABLATION_LADDER, ABLATION_SIDE
 from hdit_jax.training.validate import validate_config
 from test_training import load_config, tiny_config
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
+ABLATION_VARIANTS = ABLATION_LADDER + ABLATION_SIDE
 
 
 @pytest.mark.parametrize("name, arg", [("imagenet256", None), ("ffhq1024", None),
                                        ("quickstart", None), ("imagenet128_ablation", "dit_b4"),
-                                       ("imagenet128_ablation", "shifted_window")])
+                                       ("imagenet128_ablation", "shifted_window"),
+                                       *[("mnist_ablation", v) for v in ABLATION_VARIANTS]])
 def test_shipped_configs_are_valid(name, arg):
   config = load_config(ROOT / "configs" / f"{name}.py", arg)
   validate_config(config, num_devices=8)
@@ -33,6 +36,7 @@ def test_shipped_configs_are_valid(name, arg):
     (lambda c: c.model.update(widths=(16, 30)), "multiple of d_heads"),
     (lambda c: c.model.update(depths=(1, 1, 1)), "model.widths has 2 entries"),
     (lambda c: c.data.update(source="s3"), "data.source"),
+    (lambda c: c.data.update(fit="stretch"), "data.fit"),
     (lambda c: (c.model.update(num_classes=1000), c.evaluation.update(metric="digits")),
      "scores the 10 digit classes"),
 ])
