@@ -40,6 +40,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _PNGS = flags.DEFINE_bool("pngs", False, "sample: also write one PNG per image.")
 
 
+PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL
+
+
 def initialize_distributed() -> None:
   """Join the other hosts: TPU slices, SLURM and Open MPI are detected by JAX; elsewhere set
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
@@ -99,6 +102,10 @@ def _run(config, workdir: str) -> None:
     state = trainer.train(config, workdir)
     if jax.process_index() == 0:
       _say_where(config, workdir, int(state.step))
+    if int(state.step) < config.training.num_steps:
+      # Stopped early (preempted) with a checkpoint saved: "try again", for the launchers'
+      # resume loops (launch/tpu_vm.sh run, SLURM requeue).
+      sys.exit(PREEMPTED_EXIT_CODE)
     return
   restored = workdir_lib.restore_ema(config, workdir, _STEP.value)
   is_host0 = jax.process_index() == 0

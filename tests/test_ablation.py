@@ -142,3 +142,23 @@ def test_learning_at_scale_table():
   assert (config.data.source, config.data.image_size, config.data.batch_size) == (
       "embedded", 256, 8)
   assert (config.evaluation.metric, config.evaluation.every) == ("digits", 10)
+
+
+@pytest.mark.slow
+def test_the_ladder_benchmark_trains_scores_and_resumes(tmp_path, digit_classifier_dir):
+  """One rung, a few steps: stopped at once by its time limit, then finished by the same
+  command, then left alone by it; its result holds the scores and a step time."""
+  command = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "run",
+             f"--workdir={tmp_path}", "--runs=skip_add@2", "--steps=2", "--eval_samples=8",
+             f"--classifier={digit_classifier_dir / 'digit_classifier.safetensors'}"]
+  stopped = subprocess.run(command + ["--minutes=0"], capture_output=True, text=True,
+                           timeout=600)
+  assert stopped.returncode == 1 and "0 of 1 runs finished" in stopped.stdout
+  finished = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+  assert finished.returncode == 0, finished.stdout + finished.stderr
+  result = json.loads((tmp_path / "skip_add_seed2" / "result.json").read_text())
+  assert (result["seed"], result["steps"], result["images_seen"]) == (2, 2, 128)
+  assert set(result["finals"]) == {"1.0", "2.0"} and result["step_seconds_alone"] > 0
+  assert [e["step"] for e in result["evaluations"]] == [1, 2]
+  again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+  assert again.returncode == 0 and "1 of 1 runs finished" in again.stdout

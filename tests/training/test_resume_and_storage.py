@@ -71,7 +71,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=300)[0].decode()
-  assert process.returncode == 0, output
+  assert process.returncode == 75, output   # EX_TEMPFAIL: stopped early, resumable
   saved = ckpt_lib.Checkpointer(str(interrupted / "checkpoints"), keep=2)
   preempted_at = saved.latest_step()
   saved.close()

