@@ -133,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_steps=1_000_000, grad_accum_steps=1, log_every=100, checkpoint_every=10_000,
       keep_checkpoints=3, keep_every=100_000, sample_every=10_000, num_sample_images=64,
       peak_tflops=0.0,                 # 0: from the device kind (for MFU)
+      # Steps with non-finite gradients are skipped (parameters unchanged) and counted; more
+      # than this many in a row at a log step stop the run (0: any skipped step does).
+      max_consecutive_nonfinite=10,
       checkpoint_ocdbt=True,           # orbax's OCDBT format (off for the GCS emulator)
       profile_steps=(0, 0)))           # (first step, number of steps) to trace; 0 steps: off
 

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from hdit_jax.evaluation.evaluator import Evaluator
 from hdit_jax.sampling import batches, files
+from hdit_jax.training import checkpoint as ckpt_lib
 from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import metrics as metrics_lib
 from hdit_jax.training import trainer
@@ -94,7 +95,10 @@ def main(argv):
   try:
     _run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
-    _user_error(str(e))
+    _user_error(str(e))   # a mismatched checkpoint, too: the config is not the run's
+  except (trainer.TrainingHalted, ckpt_lib.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _run(config, workdir: str) -> None:

@@ -16,7 +16,8 @@
 # train:  the same command on every worker, in the background; the log goes to
 #         ~/hdit-train.log on each worker and, when the run ends, to WORKDIR/logs/.
 # logs:   follows one worker's log (default worker 0). status: the slice and the training
-#         processes. stop: SIGTERM to the training processes (they save a checkpoint and exit).
+#         processes. stop: SIGTERM to the training processes (they save a checkpoint and exit;
+#         a `run` loop then ends instead of resuming).
 # delete: the queued resource and its slice.
 # run:    create, setup and train in the foreground; when the slice is preempted (or the run
 #         stops early), waits, recreates the slice and resumes from the latest checkpoint in
@@ -122,9 +123,10 @@ setup() {
   local repo tarball
   repo=$(cd "$(dirname "$0")/.." && pwd)
   tarball=${TMPDIR:-/tmp}/hdit-jax-$$.tar.gz
-  run_cmd git -C "$repo" archive --format=tar.gz -o "$tarball" HEAD
+  # Explicit checks: `set -e` does not apply inside a function called from an `||` list.
+  run_cmd git -C "$repo" archive --format=tar.gz -o "$tarball" HEAD || return 1
   run_cmd gcloud compute tpus tpu-vm scp "$tarball" "$tpu":hdit-jax.tar.gz --zone="$zone" \
-    --worker=all
+    --worker=all || return 1
   ssh_all "$tpu" "$zone" "set -e; rm -rf ~/hdit-jax; mkdir -p ~/hdit-jax; \
 tar -xzf ~/hdit-jax.tar.gz -C ~/hdit-jax; cd ~/hdit-jax; \
 python3 -m pip install -q 'jax[tpu]' -e ."
@@ -155,19 +157,31 @@ train() {
 run_to_the_end() {
   local tpu=$1 zone=$2 accelerator=$3 config=$4 workdir=$5
   shift 5
-  local attempt status state
+  local attempt status state installed=0
+  [[ -n $RUNTIME ]] || default_runtime "$accelerator" > /dev/null   # an unknown type: exit 2
   for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
     DRY_RUN_ATTEMPT=$attempt
     note "attempt $attempt"
     state=$(slice_state "$tpu" "$zone")
-    if [[ $state != ACTIVE && $state != NONE ]]; then
-      note "slice $tpu is $state: deleting it to create it again"
-      delete "$tpu" "$zone"
-      state=NONE
-    fi
+    case $state in
+      ACTIVE) ;;
+      NONE) ;;
+      SUSPENDED | FAILED)
+        note "slice $tpu is $state: deleting it to create it again"
+        delete "$tpu" "$zone" || { sleep "$POLL_SECONDS"; continue; }
+        state=NONE ;;
+      *)   # queued, provisioning, being deleted or suspended: wait for it to settle
+        note "slice $tpu is $state: waiting"
+        sleep "$POLL_SECONDS"
+        continue ;;
+    esac
     if [[ $state == NONE ]]; then
       create "$tpu" "$zone" "$accelerator" || { sleep "$POLL_SECONDS"; continue; }
-      setup "$tpu" "$zone"
+      installed=0
+    fi
+    if ((!installed)); then
+      setup "$tpu" "$zone" || { note "setup failed: trying again"; sleep "$POLL_SECONDS"; continue; }
+      installed=1
     fi
     status=0
     ssh_all "$tpu" "$zone" "$(worker_command 0 "--config=$config" "--workdir=$workdir" "$@")" \
@@ -180,10 +194,16 @@ run_to_the_end() {
         note "(dry run: attempt 2 is shown reaching the last step)"
       fi
     fi
-    case $status in
-      0) note "the run reached its last step"; return 0 ;;
-      2) echo "the run was refused (exit status 2): see the log; not retrying" >&2; return 2 ;;
-    esac
+    # 75: stopped early with a checkpoint (preempted); 255: ssh lost the workers (the slice
+    # went away); above 128: killed by a signal. Anything else will not get better by itself.
+    if ((status == 0)); then
+      note "the run reached its last step"
+      return 0
+    elif ((status != 75 && status != 255 && status <= 128)); then
+      echo "training ended with exit status $status (2: refused config, 1: failed, 3: stopped" \
+        "by launch/tpu_vm.sh stop); see the logs. Not retrying." >&2
+      return "$status"
+    fi
     note "training stopped (exit status $status): resuming from the latest checkpoint"
     ((DRY_RUN)) || sleep "$POLL_SECONDS"
   done
@@ -201,12 +221,14 @@ status() {
   local tpu=$1 zone=$2
   run_cmd gcloud compute tpus queued-resources describe "$tpu" --zone="$zone" \
     --format='value(state.state)'
-  ssh_all "$tpu" "$zone" "echo \$(hostname): \$(pgrep -f hdit_jax.main > /dev/null && \
+  # '[h]dit' matches the trainer but not the remote shell whose command line holds the pattern.
+  ssh_all "$tpu" "$zone" "echo \$(hostname): \$(pgrep -f '[h]dit_jax[.]main' > /dev/null && \
 echo training || echo not training); tail -n 1 ~/hdit-train.log 2> /dev/null || true"
 }
 
 stop() {
-  ssh_all "$1" "$2" "pkill -TERM -f hdit_jax.main || true"
+  # The marker makes tpu_worker.sh exit 3 (stopped), so that a `run` loop does not resume.
+  ssh_all "$1" "$2" "touch ~/hdit-stop; pkill -TERM -f '[h]dit_jax[.]main' || true"
 }
 
 delete() {

@@ -5,7 +5,7 @@
 #
 # Trains, with the log in ~/hdit-train.log, copies the log to WORKDIR/logs/HOSTNAME.log when the
 # run ends, and exits with the trainer's status (0: last step reached, 75: stopped early with a
-# checkpoint saved, 2: refused).
+# checkpoint saved, 2: refused, 1: failed), or 3 when `launch/tpu_vm.sh stop` stopped it.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 log=~/hdit-train.log
@@ -13,8 +13,13 @@ workdir=""
 for arg in "$@"; do
   case $arg in --workdir=*) workdir=${arg#--workdir=} ;; esac
 done
+rm -f ~/hdit-stop
 python3 -m hdit_jax.main "$@" > "$log" 2>&1
 status=$?
+if [[ -e ~/hdit-stop ]]; then   # launch/tpu_vm.sh stop: not a preemption to resume from
+  echo "stopped by launch/tpu_vm.sh stop" >> "$log"
+  status=3
+fi
 if [[ -n $workdir ]]; then
   target="$workdir/logs/$(hostname).log"
   if [[ $workdir == gs://* ]]; then

@@ -7,12 +7,101 @@ preemption mid-save leaves the last good checkpoint as the latest. Keeps the las
 
 import signal
 import threading
+import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from hdit_jax.training.validate import ConfigError
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of the directory can be restored."""
+
+
+def _name(path) -> str:
+  parts = []
+  for entry in path:
+    part = str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+    if part != "value":   # an nnx Variable's array
+      parts.append(part)
+  return ".".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _check_same_model(saved: dict[str, tuple[int, ...]], abstract_state: Any, step: int,
+                      directory: str) -> None:
+  """Refuse a checkpoint whose parameters (another model) or other state (another optimizer
+  layout, from another hdit-jax version) differ from what this config builds."""
+  built = _shapes(abstract_state)
+  changed = [f"{k} is {saved[k]} there, {built[k]} here" for k in sorted(saved.keys() & built)
+             if saved[k] != built[k]]
+  changed += [f"{k} is missing there" for k in sorted(built.keys() - saved.keys())]
+  changed += [f"{k} is not built here" for k in sorted(saved.keys() - built.keys())]
+  if not changed:
+    return
+  more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+  what = "; ".join(changed[:3]) + more
+  if any(k.startswith("params.") for k in saved.keys() ^ built.keys()) or any(
+      c.startswith("params.") for c in changed):
+    raise ConfigError(
+        f"the checkpoint at step {step} in {directory} is of another model than this config "
+        f"builds: {what}. Resume with the run's own config (its model section), or train this "
+        "one in a new workdir.")
+  raise ConfigError(
+      f"the checkpoint at step {step} in {directory} holds a train state laid out otherwise "
+      f"than this version of hdit-jax builds (written by another version?): {what}. Resume "
+      "it with the version that wrote it, or train in a new workdir.")
+
+
+def _on_every_process(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(jnp.asarray(ok)).all())
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """A position-weighted sum of an array's bits, mod 2^32: exact under any sharding (integer
+  sums), and changed by any altered, zeroed or swapped element."""
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32).reshape(-1)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def fingerprint(state: Any) -> dict[str, int]:
+  """Array name -> fingerprint, saved beside a checkpoint and checked when it is restored."""
+  values = jax.device_get(_fingerprints(state))
+  return {_name(path): int(v) for path, v in jax.tree_util.tree_flatten_with_path(values)[0]}
+
+
+def _check_fingerprint(saved: dict[str, int], restored: dict[str, int]) -> None:
+  differ = sorted(k for k in saved.keys() | restored.keys() if saved.get(k) != restored.get(k))
+  if differ:
+    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+    raise CheckpointError(f"the restored arrays differ from those saved: {', '.join(differ[:3])}"
+                          f"{more}")
+
+
+def _reason(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 class Checkpointer:
@@ -32,7 +121,8 @@ class Checkpointer:
       self.manager = ocp.CheckpointManager(
           directory, options=options,
           item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt),
-                         "data": grain.checkpoint.CheckpointHandler()})
+                         "data": grain.checkpoint.CheckpointHandler(),
+                         "fingerprint": ocp.JsonCheckpointHandler()})
     except Exception as e:  # pylint: disable=broad-except
       raise OSError(f"cannot open the checkpoint directory {directory}: "
                     f"{type(e).__name__}: {e}") from e
@@ -44,7 +134,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any) -> bool:
     if self.manager.latest_step() == step:
       return False
-    args = {"state": ocp.args.StandardSave(state)}
+    args = {"state": ocp.args.StandardSave(state),
+            "fingerprint": ocp.args.JsonSave(fingerprint(state))}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -52,12 +143,77 @@ class Checkpointer:
   def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
     """Restore into `abstract_state`'s shapes and shardings (any mesh); the iterator in place."""
     step = self.manager.latest_step() if step is None else step
+    _check_same_model(self._saved_shapes(step), abstract_state, step, self.directory)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    has_fingerprint = (epath.Path(self.directory) / str(step) / "fingerprint").exists()
+    if has_fingerprint:
+      args["fingerprint"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    if has_fingerprint:
+      _check_fingerprint(restored["fingerprint"], fingerprint(restored["state"]))
+    else:
+      logging.warning("checkpoint step %d in %s has no fingerprint: its arrays are not verified",
+                      step, self.directory)
     logging.info("restored step %d from %s", step, self.directory)
     return restored["state"]
+
+  def restore_latest_good(self, abstract_state: Any, data_iterator: Any,
+                          set_aside: bool = True) -> tuple[Any, int]:
+    """(state, step) of the newest checkpoint that restores on every process. A damaged newer
+    one (a truncated or altered array file, missing metadata) is named in the log and, with
+    `set_aside`, moved to STEP.damaged; a checkpoint of another model is refused, not skipped."""
+    failures, damaged = [], []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      restored, error = None, None
+      for _ in range(2):   # a second try, so that a passing storage error is not damage
+        try:
+          restored = self.restore(abstract_state, data_iterator, step)
+          break
+        except ConfigError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      # Every process takes the same step, or none: a host that failed alone decides for all.
+      if _on_every_process(restored is not None):
+        self._set_aside(damaged if set_aside else [])
+        return restored, step
+      reason = _reason(error) if error is not None else "it failed on another host"
+      failures.append(f"step {step}: {reason}")
+      logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before",
+                      step, self.directory, reason)
+      damaged.append(step)
+    raise CheckpointError(f"no checkpoint in {self.directory} can be restored: "
+                          + "; ".join(failures))
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Move damaged steps to STEP.damaged: kept for a look, out of the way of the steps that
+    training writes again and of the keep-last-K count (which would delete good ones)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        source = epath.Path(self.directory) / str(step)
+        target = epath.Path(self.directory) / f"{step}.damaged"
+        if target.exists():
+          target = target.parent / f"{step}.damaged.{int(time.time())}"
+        try:
+          source.rename(target)
+          logging.warning("moved the damaged checkpoint %s to %s (delete it yourself once you "
+                          "have looked at it)", source, target)
+        except OSError as e:   # left in place: the other hosts must not wait for this one
+          logging.warning("could not move the damaged checkpoint %s aside (%s)", source, e)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("hdit_jax: damaged checkpoints set aside")
+    self.manager.reload()
+
+  def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """Array name -> shape of the whole saved state, from a step's metadata."""
+    metadata = self.manager.item_metadata(step)["state"]
+    if metadata is None:
+      raise CheckpointError("its metadata is missing or unreadable")
+    return _shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -1,5 +1,7 @@
 """AdamW with the official parameter groups, and the EMA schedule (spec sections 4.2 - 4.4).
 
+Steps with non-finite gradients are skipped (optax.apply_if_finite) and counted.
+
 Groups come from the parameters' `tags` metadata, as in k-diffusion: tag `wd` gets weight
 decay, tag `mapping` (mapping network, AdaRMSNorm modulations) trains at lr * mapping_lr_scale.
 """
@@ -49,7 +51,19 @@ def make_optimizer(cfg: Mapping[str, Any], params: nnx.State) -> optax.GradientT
   chain = [optax.multi_transform(groups, param_groups(params))]
   if cfg.get("grad_clip", 0) > 0:
     chain.insert(0, optax.clip_by_global_norm(cfg["grad_clip"]))
-  return optax.chain(*chain)
+  # A step whose gradients are not finite leaves the parameters and moments as they were; its
+  # state counts such steps (`nonfinite_counts`), and the loop decides when to stop.
+  return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=NEVER_APPLY)
+
+
+# apply_if_finite applies a bad update after this many in a row: never, in practice.
+NEVER_APPLY = 2**31 - 1
+
+
+def nonfinite_counts(opt_state: Any) -> dict[str, jax.Array]:
+  """Steps skipped for non-finite gradients: in a row now, and in all."""
+  return {"nonfinite_consecutive": opt_state.notfinite_count,
+          "nonfinite_total": opt_state.total_notfinite}
 
 
 def ema_decay(step: jax.Array, power: float, max_value: float) -> jax.Array:

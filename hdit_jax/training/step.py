@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from hdit_jax.diffusion import densities, losses
-from hdit_jax.training.optimizer import ema_decay, ema_update, learning_rate
+from hdit_jax.training.optimizer import ema_decay, ema_update, learning_rate, nonfinite_counts
 from hdit_jax.training.state import ModelDef, TrainState
 
 Batch = Mapping[str, jax.Array]   # image [B, H, W, C] in [-1, 1], label [B], aug_cond [B, 9]
@@ -73,7 +73,7 @@ def make_train_step(config: Any, model_def: ModelDef, tx: optax.GradientTransfor
                               ema=ema_update(state.ema, params, decay))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "update_norm": optax.tree.norm(updates), "ema_decay": decay,
-               "lr": learning_rate(config.optimizer)(state.step)}
+               "lr": learning_rate(config.optimizer)(state.step), **nonfinite_counts(opt_state)}
     return new_state, metrics
 
   return train_step

@@ -26,6 +26,10 @@ from hdit_jax.training.step import make_train_step
 from hdit_jax.training.validate import ConfigError, validate_config
 
 
+class TrainingHalted(RuntimeError):
+  """The run cannot go on (too many non-finite steps in a row); its last checkpoint is intact."""
+
+
 def _global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding):
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
@@ -58,7 +62,13 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
     raise ConfigError(f"the checkpoint in {workdir} is at step {latest}, past "
                       f"training.num_steps = {training.num_steps}: raise training.num_steps to "
                       "train on, or use another workdir")
-  state = checkpointer.restore(abstract_state, data_iterator) if latest is not None else init()
+  if latest is not None:
+    state, restored_step = checkpointer.restore_latest_good(abstract_state, data_iterator)
+    if restored_step != latest:
+      logging.warning("resuming from step %d: the newer checkpoints could not be restored (see "
+                      "above)", restored_step)
+  else:
+    state = init()
   start_step = int(state.step)
   if start_step == training.num_steps:
     logging.info("the checkpoint in %s is at training.num_steps = %d: nothing to train",
@@ -85,6 +95,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
 
   last_time, last_step = time.perf_counter(), start_step
   step = start_step
+  reported_skips = int(jax.device_get(state.opt_state.total_notfinite))
   try:
     while step < training.num_steps:
       if profile_steps and step == profile_start:
@@ -107,8 +118,27 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
         if peak:
           measurements["mfu"] = tflops * 1e12 / peak
         writer.scalars(step, measurements)
-        progress.set_postfix(loss=f"{measurements['loss']:.4f}",
-                             img_s=f"{images_per_second:.1f}")
+        skips = int(measurements["nonfinite_total"])
+        postfix = dict(loss=f"{measurements['loss']:.4f}", img_s=f"{images_per_second:.1f}")
+        if skips:
+          postfix["skipped"] = skips
+        progress.set_postfix(**postfix)
+        in_a_row = int(measurements["nonfinite_consecutive"])
+        if skips > reported_skips:
+          logging.warning("step %d: %d steps with a non-finite loss or gradients skipped so far "
+                          "(they leave the parameters unchanged), %d in a row now", step, skips,
+                          in_a_row)
+        # Checked at log steps: a streak is seen if it lasts to one (0: any skip at all).
+        limit = training.max_consecutive_nonfinite
+        if in_a_row > limit or (limit == 0 and skips > reported_skips):
+          raise TrainingHalted(
+              f"{max(in_a_row, 1)} steps in a row up to step {step} had a non-finite loss or "
+              "gradients "
+              f"(more than training.max_consecutive_nonfinite = "
+              f"{training.max_consecutive_nonfinite}); they were skipped and the last "
+              f"checkpoint (step {checkpointer.latest_step()}) is intact. Check the data and "
+              "the learning rate, then run again to resume from it.")
+        reported_skips = skips
         last_time, last_step = time.perf_counter(), step
       progress.update(1)
 

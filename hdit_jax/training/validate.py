@@ -99,6 +99,9 @@ def _validate(config: Any, num_devices: int, num_processes: int) -> None:
     raise ValueError(f"data.fit must be one of {FITS}, got {config.data.fit!r}")
   if int(config.training.num_steps) < 1:
     raise ValueError("training.num_steps must be >= 1")
+  if int(config.training.max_consecutive_nonfinite) < 0:
+    raise ValueError("training.max_consecutive_nonfinite must be >= 0 (0: stop at the first "
+                     "non-finite step)")
 
   _validate_sampling(config)
 

@@ -43,8 +43,11 @@ def restore_ema(config: Any, workdir: str, step: int | None = None) -> Restored:
     if step is not None and step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it has "
                               f"{sorted(steps)}")
-    step = max(steps) if step is None else step
-    state = checkpointer.restore(abstract, None, step)
+    if step is None:   # the newest one that restores
+      # Reads only: a damaged step is skipped but not moved (training may be writing here).
+      state, step = checkpointer.restore_latest_good(abstract, None, set_aside=False)
+    else:
+      state = checkpointer.restore(abstract, None, step)
   finally:
     checkpointer.close()
   model = model_def.merge(state.ema, state.buffers, deterministic=True)

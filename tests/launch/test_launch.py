@@ -125,7 +125,10 @@ def test_tpu_subcommands(no_tools, args, expected):
   for item in expected:
     assert item in words, (item, commands)
   if args[0] == "stop":
-    assert _remote(commands[0])[:3] == ["pkill", "-TERM", "-f"]
+    remote = _remote(commands[0])
+    # A pattern that does not match the remote shell whose command line holds it.
+    assert remote[remote.index("pkill"):][:4] == ["pkill", "-TERM", "-f", "[h]dit_jax[.]main"]
+    assert "~/hdit-stop;" in remote   # the marker that ends a `run` loop instead of resuming
   assert not called.exists()
 
 
@@ -172,20 +175,44 @@ exit 0
   assert "the run reached its last step" in result.stdout
 
 
-def test_tpu_run_stops_on_a_refused_config(tmp_path):
+@pytest.mark.parametrize("status", [1, 2, 3])
+def test_tpu_run_does_not_retry_what_will_not_get_better(tmp_path, status):
+  """A refused config (2), a failed run (1) or a user's stop (3) end the loop; a slice still
+  queued is waited for, not deleted; a slice found ACTIVE is set up before training."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _executable(bin_dir / "gcloud", """#!/usr/bin/env bash
+  log, polls = tmp_path / "gcloud.log", tmp_path / "polls"
+  _executable(bin_dir / "gcloud", f"""#!/usr/bin/env bash
+echo "$*" >> {log}
 case "$*" in
-  *"queued-resources describe"*) echo ACTIVE ;;
-  *tpu_worker.sh*) exit 2 ;;
+  *"queued-resources describe"*)
+    echo x >> {polls}
+    if [ "$(wc -l < {polls})" -le 2 ]; then echo WAITING_FOR_RESOURCES; else echo ACTIVE; fi ;;
+  *tpu_worker.sh*) exit {status} ;;
 esac
 """)
+  _executable(bin_dir / "git", "#!/bin/sh\nexit 0\n")
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HDIT_POLL_SECONDS="0")
   result = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), "run", "pod", "zone", "v5p-8",
                            "configs/x.py", "gs://b/w"], capture_output=True, text=True, env=env,
                           timeout=60)
-  assert result.returncode == 2 and "not retrying" in result.stderr
+  assert result.returncode == status and "Not retrying" in result.stderr
+  calls = log.read_text()
+  assert "delete" not in calls and "queued-resources create" not in calls
+  assert calls.count("tpu_worker.sh") == 1 and "pip install" in calls
+
+
+def test_tpu_worker_reports_a_stop_as_3(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  home = tmp_path / "home"
+  home.mkdir()
+  # The trainer, stopped by `launch/tpu_vm.sh stop` (which leaves the marker), exits 75.
+  _executable(bin_dir / "python3", f"#!/bin/sh\ntouch {home}/hdit-stop\nexit 75\n")
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(home))
+  result = subprocess.run([str(LAUNCH / "tpu_worker.sh"), "--config=c", "--workdir=w"],
+                          env=env, timeout=60, cwd=tmp_path)
+  assert result.returncode == 3
 
 
 def test_tpu_worker_logs_and_passes_the_status_on(tmp_path):
@@ -223,6 +250,6 @@ def test_gpu_launchers_dry_run(no_tools):
         "configs/ffhq1024.py", "gs://b/w", *OVERRIDES]
   (srun,) = _dry("gpu_slurm.sbatch", "--dry-run", "configs/ffhq1024.py", "gs://b/w",
                  *OVERRIDES, env=env)[0]
-  assert srun == ["srun", "--kill-on-bad-exit=1", "launch/gpu_multihost.sh",
+  assert srun == ["srun", "--kill-on-bad-exit=0", "launch/gpu_multihost.sh",
                   "configs/ffhq1024.py", "gs://b/w", *OVERRIDES]
   assert not called.exists()

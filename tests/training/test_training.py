@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from hdit_jax.evaluation import digits
 from hdit_jax.training import checkpoint as ckpt_lib
@@ -188,3 +189,68 @@ def test_deterministic_merge_switches_dropout_off():
 
   np.testing.assert_array_equal(output(0, True), output(1, True))
   assert not np.allclose(output(0, False), output(1, False))
+
+
+def test_a_nonfinite_step_is_skipped_and_counted():
+  config = tiny_config(data=1)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  model_def, _, shardings, tx, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
+  step = jax.jit(make_train_step(config, model_def, tx, 1), donate_argnums=0)
+  good = random_batch(config, 16)
+  poisoned = dict(good, image=good["image"].copy())
+  poisoned["image"][3, 5, 7, 0] = np.nan
+  state, key = init(), jax.random.key(0)
+  state, first = step(state, good, key)
+  before = jax.device_get((state.params, state.ema, state.opt_state.inner_state))
+  state, bad = step(state, poisoned, key)
+  assert not np.isfinite(float(bad["loss"]))
+  assert (int(bad["nonfinite_consecutive"]), int(bad["nonfinite_total"])) == (1, 1)
+  # Parameters and Adam moments are left as they were; the EMA moves toward those parameters.
+  after = jax.device_get((state.params, state.opt_state.inner_state))
+  jax.tree.map(np.testing.assert_array_equal, after, (before[0], before[2]))
+  state, third = step(state, good, key)
+  assert (int(third["nonfinite_consecutive"]), int(third["nonfinite_total"])) == (0, 1)
+  assert int(first["nonfinite_total"]) == 0 and int(state.step) == 3
+  for tree in (state.params, state.ema):
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params),
+                         before[0])
+  assert any(jax.tree.leaves(changed))
+
+
+def _poison_third_batch(monkeypatch):
+  from hdit_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  real, calls = trainer._global_batch, []   # pylint: disable=protected-access
+
+  def poisoned(local, sharding):
+    calls.append(1)
+    if len(calls) == 3:
+      local = dict(local, image=np.full_like(local["image"], np.inf))
+    return real(local, sharding)
+
+  monkeypatch.setattr(trainer, "_global_batch", poisoned)
+  return trainer
+
+
+def test_a_run_with_a_poisoned_batch_ends_finite(tmp_path, monkeypatch, caplog):
+  trainer = _poison_third_batch(monkeypatch)
+  config = tiny_config(data=1)
+  config.training.update(num_steps=6, checkpoint_every=100)
+  state = trainer.train(config, str(tmp_path), jax.devices()[:1])
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["nonfinite_total"] for r in records] == [0, 0, 1, 1, 1, 1]
+  assert int(state.step) == 6
+  for tree in (state.params, state.ema):
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
+  assert "1 steps with a non-finite loss or gradients skipped" in caplog.text
+
+
+def test_a_run_halts_at_a_nonfinite_step_when_told(tmp_path, monkeypatch):
+  trainer = _poison_third_batch(monkeypatch)
+  config = tiny_config(data=1)
+  config.training.update(num_steps=6, checkpoint_every=1, max_consecutive_nonfinite=0)
+  with pytest.raises(trainer.TrainingHalted, match=r"last checkpoint \(step 2\) is intact"):
+    trainer.train(config, str(tmp_path), jax.devices()[:1])
+  saved = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2)
+  assert saved.latest_step() == 2
+  saved.close()

@@ -1,0 +1,168 @@
+"""A damaged newest checkpoint: named in the log, set aside (never deleted), and training goes
+on from the newest good one; a checkpoint of another model is refused in one line."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hdit_jax.training import checkpoint as ckpt_lib
+from hdit_jax.training import mesh as mesh_lib
+from hdit_jax.training import state as state_lib
+from hdit_jax.training import trainer
+from hdit_jax.training.validate import ConfigError
+
+ROOT = pathlib.Path(__file__).parent.parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "training"))
+from test_training import tiny_config  # pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.fault
+
+
+def _config(steps):
+  config = tiny_config(data=1)
+  config.training.update(num_steps=steps, checkpoint_every=2, keep_checkpoints=2)
+  return config
+
+
+def _truncate_largest_array_file(step_dir: pathlib.Path) -> None:
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "ocdbt" in str(p)]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  with open(largest, "r+b") as f:
+    f.truncate(largest.stat().st_size // 3)
+
+
+def _drop_metadata(step_dir: pathlib.Path) -> None:
+  (step_dir / "state" / "_METADATA").unlink()
+
+
+def _flip_bytes(step_dir: pathlib.Path) -> None:
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 64] = bytes(64)   # zeroed, same length
+  largest.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate_largest_array_file, _drop_metadata, _flip_bytes])
+def test_restore_falls_back_past_a_damaged_step(tmp_path, damage, caplog):
+  config = _config(2)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  _, abstract, _, _, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
+  state = init()
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=3, asynchronous=False)
+  for step in (1, 2):
+    state = state.replace(step=state.step + 1,
+                          params=jax.tree.map(lambda p: p + 1.0, state.params))
+    checkpointer.save(step, state, None)
+    if step == 1:
+      expected = jax.device_get(state.params)
+  damage(tmp_path / "2")
+  restored, step = checkpointer.restore_latest_good(abstract, None)
+  assert step == 1 and int(restored.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), expected)
+  assert "checkpoint step 2 in" in caplog.text and "cannot be restored" in caplog.text
+  assert (tmp_path / "2.damaged").is_dir() and checkpointer.manager.all_steps() == [1]
+  checkpointer.close()
+
+
+def test_training_goes_on_from_the_newest_good_checkpoint(tmp_path, caplog):
+  checkpoints = tmp_path / "checkpoints"
+  trainer.train(_config(4), str(tmp_path), jax.devices()[:1])   # checkpoints at steps 2 and 4
+  _truncate_largest_array_file(checkpoints / "4")
+  state = trainer.train(_config(6), str(tmp_path), jax.devices()[:1])
+  assert "checkpoint step 4 in" in caplog.text and "cannot be restored" in caplog.text
+  assert "resuming from step 2" in caplog.text
+  assert (checkpoints / "4.damaged").is_dir()   # kept for a look, out of the way
+  assert int(state.step) == 6
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  saved = ckpt_lib.Checkpointer(str(checkpoints), keep=2)
+  assert saved.manager.all_steps() == [4, 6]   # step 4 trained again, then kept with 6
+  saved.close()
+  losses = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+  assert losses == [1, 2, 3, 4, 3, 4, 5, 6]   # steps 3-4 trained twice
+
+
+def _two_checkpoints(tmp_path, config):
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  _, abstract, _, _, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
+  state = init()
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=3, asynchronous=False)
+  for step in (1, 2):
+    state = state.replace(step=state.step + 1)
+    checkpointer.save(step, state, None)
+  return checkpointer, abstract
+
+
+def test_no_good_checkpoint_is_an_error_naming_every_step(tmp_path):
+  checkpointer, abstract = _two_checkpoints(tmp_path, _config(2))
+  for step in ("1", "2"):
+    _drop_metadata(tmp_path / step)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"can be restored: step 2: .*; step 1: "):
+    checkpointer.restore_latest_good(abstract, None)
+  assert (tmp_path / "2").is_dir() and (tmp_path / "1").is_dir()   # nothing moved or deleted
+  checkpointer.close()
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+  checkpointer, _ = _two_checkpoints(tmp_path, _config(2))
+  other = _config(2)
+  other.model.widths = (16, 48)
+  mesh = mesh_lib.make_mesh(other.mesh, jax.devices()[:1])
+  _, abstract, _, _, _ = state_lib.setup(other, mesh, dict(other.sharding_rules))
+  with pytest.raises(ConfigError, match=r"another model than this config builds: .*\(.*48\)"):
+    checkpointer.restore_latest_good(abstract, None)
+  assert checkpointer.manager.all_steps() == [1, 2]   # not set aside: it is not damaged
+  checkpointer.close()
+
+
+@pytest.mark.bad_input
+def test_resuming_with_a_changed_width_is_one_line(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  base = [sys.executable, "-m", "hdit_jax.main",
+          f"--config={ROOT / 'tests' / 'training' / 'tiny_config.py'}", f"--workdir={tmp_path}",
+          "--config.training.num_steps=2", "--config.training.sample_every=0"]
+  subprocess.run(base, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
+  result = subprocess.run(base[:-2] + ["--config.training.num_steps=4",
+                                       "--config.model.widths=(16,48)"],
+                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "another model" in errors[0], result.stderr[-2000:]
+
+
+def test_fingerprints_see_every_element_and_not_the_sharding():
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.normal(size=(16, 6)).astype(np.float32),
+          "h": rng.normal(size=(8,)).astype(jax.numpy.bfloat16),
+          "n": np.int32(7), "ok": np.bool_(True)}
+  base = ckpt_lib.fingerprint(tree)
+  assert set(base) == {"w", "h", "n", "ok"}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8), ("data",))
+  sharded = dict(tree, w=jax.device_put(tree["w"], jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data"))))
+  assert ckpt_lib.fingerprint(sharded) == base
+  swapped = dict(tree, w=tree["w"][[1, 0, *range(2, 16)]])       # two rows swapped
+  zeroed = dict(tree, w=tree["w"].copy())
+  zeroed["w"][5, 2] = 0.0
+  for changed in (swapped, zeroed, dict(tree, ok=np.bool_(False))):
+    differ = {k for k in base if ckpt_lib.fingerprint(changed)[k] != base[k]}
+    assert len(differ) == 1, differ
+
+
+def test_a_checkpoint_of_another_optimizer_layout_is_refused(tmp_path):
+  checkpointer, _ = _two_checkpoints(tmp_path, _config(2))
+  other = _config(2)
+  other.optimizer.grad_clip = 0.0   # no clipping: another optimizer state
+  mesh = mesh_lib.make_mesh(other.mesh, jax.devices()[:1])
+  _, abstract, _, _, _ = state_lib.setup(other, mesh, dict(other.sharding_rules))
+  with pytest.raises(ConfigError, match="laid out otherwise than this version"):
+    checkpointer.restore_latest_good(abstract, None)
+  checkpointer.close()
