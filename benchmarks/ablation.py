@@ -74,20 +74,17 @@ def _time_train_step(config):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from hdit_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from hdit_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
-  from hdit_jax.training.step import make_train_step  # pylint: disable=import-outside-toplevel
+  from hdit_jax.training.step import jit_train_step  # pylint: disable=import-outside-toplevel
 
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices())
   model_def, _, shardings, tx, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  step = jax.jit(make_train_step(config, model_def, tx, mesh.shape["data"] * mesh.shape["fsdp"]),
-                 in_shardings=(shardings, batch_sharding, mesh_lib.replicated(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  step = jit_train_step(config, model_def, tx, mesh, shardings)
   size, channels = int(config.data.image_size), int(config.model.input_channels)
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (config.data.batch_size, size, size, channels)
                                 ).astype(np.float32),
            "label": rng.integers(0, 10, config.data.batch_size).astype(np.int32)}
-  batch = jax.device_put(batch, batch_sharding)
+  batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
   key = jax.random.key(0)
   state = init()
   for _ in range(3):

@@ -62,9 +62,9 @@ def initialize_distributed() -> None:
     logging.info("single host (%s)", e)
 
 
-def _user_error(message: str) -> None:
+def _exit_with_error(message: str, status: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -73,9 +73,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:   # absl's own report exits 1; every user error here exits 2
-    _user_error(f"{e}\n(--helpfull lists the flags)")
+    _exit_with_error(f"{e}\n(--helpfull lists the flags)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    _user_error(f"a --config.* override cannot be applied: {e}. Every key must exist in "
+    _exit_with_error(f"a --config.* override cannot be applied: {e}. Every key must exist in "
                 "hdit_jax/config.py (its defaults) and take a value of the default's type.")
 
 
@@ -95,10 +95,9 @@ def main(argv):
   try:
     _run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
-    _user_error(str(e))   # a mismatched checkpoint, too: the config is not the run's
+    _exit_with_error(str(e))   # a mismatched checkpoint, too: the config is not the run's
   except (trainer.TrainingHalted, ckpt_lib.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _exit_with_error(str(e), status=1)   # a run that cannot go on: as plainly said
 
 
 def _run(config, workdir: str) -> None:

@@ -52,8 +52,7 @@ def _check_same_model(saved: dict[str, tuple[int, ...]], abstract_state: Any, st
     return
   more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
   what = "; ".join(changed[:3]) + more
-  if any(k.startswith("params.") for k in saved.keys() ^ built.keys()) or any(
-      c.startswith("params.") for c in changed):
+  if any(c.startswith("params.") for c in changed):
     raise ConfigError(
         f"the checkpoint at step {step} in {directory} is of another model than this config "
         f"builds: {what}. Resume with the run's own config (its model section), or train this "

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from hdit_jax.diffusion import densities, losses
+from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training.optimizer import ema_decay, ema_update, learning_rate, nonfinite_counts
 from hdit_jax.training.state import ModelDef, TrainState
 
@@ -78,3 +79,13 @@ def make_train_step(config: Any, model_def: ModelDef, tx: optax.GradientTransfor
 
   return train_step
 
+
+def jit_train_step(config: Any, model_def: ModelDef, tx: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh, shardings: Any):
+  """The train step jitted over `mesh`: the state in `shardings` (donated), the batch split over
+  (data, fsdp), one noise-level stratum group per batch shard."""
+  sigma_groups = mesh.shape["data"] * mesh.shape["fsdp"]
+  return jax.jit(make_train_step(config, model_def, tx, sigma_groups),
+                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh),
+                               mesh_lib.replicated(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=0)

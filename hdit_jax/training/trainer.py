@@ -22,8 +22,10 @@ from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import metrics as metrics_lib
 from hdit_jax.training import state as state_lib
 from hdit_jax.training.export import ema_path, export_ema
-from hdit_jax.training.step import make_train_step
+from hdit_jax.training.optimizer import nonfinite_counts
+from hdit_jax.training.step import jit_train_step
 from hdit_jax.training.validate import ConfigError, validate_config
+from hdit_jax.training.workdir import checkpoint_dir
 
 
 class TrainingHalted(RuntimeError):
@@ -54,7 +56,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
 
   training = config.training
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=training.keep_checkpoints,
+      checkpoint_dir(workdir), keep=training.keep_checkpoints,
       keep_every=training.keep_every, use_ocdbt=training.checkpoint_ocdbt)
   latest = checkpointer.latest_step()
   if latest is not None and latest > training.num_steps:
@@ -75,10 +77,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
                  workdir, start_step)
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  sigma_groups = mesh.shape["data"] * mesh.shape["fsdp"]
-  train_step = jax.jit(make_train_step(config, model_def, tx, sigma_groups),
-                       in_shardings=(shardings, batch_sharding, mesh_lib.replicated(mesh)),
-                       out_shardings=(shardings, None), donate_argnums=0)
+  train_step = jit_train_step(config, model_def, tx, mesh, shardings)
   base_key = jax.random.key(config.seed)
 
   forward_gmacs = flops_lib.count(config.model)["gmacs_per_image"]
@@ -95,7 +94,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
 
   last_time, last_step = time.perf_counter(), start_step
   step = start_step
-  reported_skips = int(jax.device_get(state.opt_state.total_notfinite))
+  reported_skips = int(jax.device_get(nonfinite_counts(state.opt_state)["nonfinite_total"]))
   try:
     while step < training.num_steps:
       if profile_steps and step == profile_start:

@@ -210,7 +210,8 @@ def test_tpu_worker_reports_a_stop_as_3(tmp_path):
   # The trainer, stopped by `launch/tpu_vm.sh stop` (which leaves the marker), exits 75.
   _executable(bin_dir / "python3", f"#!/bin/sh\ntouch {home}/hdit-stop\nexit 75\n")
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(home))
-  result = subprocess.run([str(LAUNCH / "tpu_worker.sh"), "--config=c", "--workdir=w"],
+  result = subprocess.run([str(LAUNCH / "tpu_worker.sh"), "--config=c",
+                           f"--workdir={tmp_path / 'w'}"],
                           env=env, timeout=60, cwd=tmp_path)
   assert result.returncode == 3
 
