@@ -117,8 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict(dict(power=0.75, max_value=0.9999))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds",                   # tfds | folder | embedded | synthetic
-      name="imagenet2012",             # tfds name, folder path, or embedded dataset name
+      source="tfds",                   # tfds | prepared | folder | embedded | synthetic
+      name="imagenet2012",             # tfds name, prepared or folder path, or embedded name
       split="train",
       data_dir="",                     # tfds data_dir ('' : the tfds default)
       image_size=256,
@@ -126,7 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
       augment_prob=0.0,                # non-leaky augmentation (9-dim aug_cond)
       hflip=False,
       batch_size=256,                  # global batch
-      num_workers=8,
+      num_workers=8,                   # grain worker processes per host
+      read_threads=8,                  # threads reading records, per worker
+      prefetch_buffer=128,             # records read ahead, per worker
   ))
 
   c.training = ml_collections.ConfigDict(dict(

@@ -17,6 +17,7 @@ metadata, so export then import gives back the same config.
 
 import json
 import os
+import sys
 from typing import Any, Mapping
 
 import ml_dtypes
@@ -193,6 +194,15 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+  """The command; a missing or unusable input file or value ends it in one line (exit 2)."""
+  try:
+    _main(argv)
+  except (FileNotFoundError, ValueError, app.UsageError) as e:   # one line, not the whole help
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main(argv: list[str]) -> None:
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) != 3 or argv[1] not in ("import", "export") or not FLAGS.output:
     raise app.UsageError("usage: python -m hdit_jax.convert import|export INPUT --output OUTPUT")

@@ -108,7 +108,7 @@ def main(argv):
   features = _Features(_WEIGHTS.value)
   try:
     (_fid if argv[1] == "fid" else _features)(features)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, app.UsageError) as e:   # one line, not the whole help
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -73,7 +73,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:   # absl's own report exits 1; every user error here exits 2
-    _exit_with_error(f"{e}\n(--helpfull lists the flags)")
+    _exit_with_error(f"{e} (--helpfull lists the flags)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     _exit_with_error(f"a --config.* override cannot be applied: {e}. Every key must exist in "
                 "hdit_jax/config.py (its defaults) and take a value of the default's type.")

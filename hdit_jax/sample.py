@@ -15,6 +15,7 @@ training).
 """
 
 import os
+import sys
 
 import jax
 from absl import app, flags
@@ -64,6 +65,15 @@ def _settings(config) -> SamplerSettings:
 
 
 def main(argv):
+  """The command; a missing or unusable input file or value ends it in one line (exit 2)."""
+  try:
+    _main(argv)
+  except (FileNotFoundError, ValueError, app.UsageError) as e:   # one line, not the whole help
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main(argv):
   del argv
   if bool(_WEIGHTS.value) == bool(_KDIFF.value):
     raise app.UsageError("give exactly one of --weights and --kdiffusion")

@@ -12,7 +12,8 @@
 #                           ACCELERATOR_TYPE CONFIG WORKDIR [--config.x=y ...]
 #
 # create: a queued resource (spot, reserved or on demand), then waits until the slice is ACTIVE.
-# setup:  installs this checkout (`git archive HEAD`) and its dependencies on every worker.
+# setup:  installs this checkout's last commit (`git archive HEAD`) and its dependencies on
+#         every worker, in a Python 3.11 environment made by uv (~/hdit-venv).
 # train:  the same command on every worker, in the background; the log goes to
 #         ~/hdit-train.log on each worker and, when the run ends, to WORKDIR/logs/.
 # logs:   follows one worker's log (default worker 0). status: the slice and the training
@@ -98,8 +99,7 @@ wait_active() {
 }
 
 create() {
-  local tpu=$1 zone=$2 accelerator=$3 runtime=${4:-$RUNTIME} tier=${5:-$TIER}
-  if [[ $runtime == --* ]]; then tier=$runtime runtime=""; fi
+  local tpu=$1 zone=$2 accelerator=$3 runtime=${4:-$RUNTIME} tier=$TIER
   runtime=${runtime:-$(default_runtime "$accelerator")}
   local extra=()
   case $tier in
@@ -124,12 +124,19 @@ setup() {
   repo=$(cd "$(dirname "$0")/.." && pwd)
   tarball=${TMPDIR:-/tmp}/hdit-jax-$$.tar.gz
   # Explicit checks: `set -e` does not apply inside a function called from an `||` list.
+  if ((!DRY_RUN)) && [[ -n $(git -C "$repo" status --porcelain 2> /dev/null) ]]; then
+    echo "warning: $repo has uncommitted changes; setup installs its last commit (HEAD)" \
+      "without them: commit them first to ship them" >&2
+  fi
   run_cmd git -C "$repo" archive --format=tar.gz -o "$tarball" HEAD || return 1
   run_cmd gcloud compute tpus tpu-vm scp "$tarball" "$tpu":hdit-jax.tar.gz --zone="$zone" \
     --worker=all || return 1
-  ssh_all "$tpu" "$zone" "set -e; rm -rf ~/hdit-jax; mkdir -p ~/hdit-jax; \
+  # The TPU runtimes are Ubuntu 22.04, whose Python (3.10) is older than hdit-jax needs: uv
+  # makes a Python 3.11 environment (~/hdit-venv), which tpu_worker.sh then uses.
+  ssh_all "$tpu" "$zone" "set -e; rm -rf ~/hdit-jax ~/hdit-venv; mkdir -p ~/hdit-jax; \
 tar -xzf ~/hdit-jax.tar.gz -C ~/hdit-jax; cd ~/hdit-jax; \
-python3 -m pip install -q 'jax[tpu]' -e ."
+python3 -m pip install -q --user uv; python3 -m uv venv -q --python 3.11 ~/hdit-venv; \
+python3 -m uv pip install -q --python ~/hdit-venv/bin/python 'jax[tpu]' -e ."
 }
 
 # The command every worker runs: launch/tpu_worker.sh with the arguments quoted for its shell.
@@ -157,7 +164,7 @@ train() {
 run_to_the_end() {
   local tpu=$1 zone=$2 accelerator=$3 config=$4 workdir=$5
   shift 5
-  local attempt status state installed=0
+  local attempt status state installed=0 setup_failures=0
   [[ -n $RUNTIME ]] || default_runtime "$accelerator" > /dev/null   # an unknown type: exit 2
   for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
     DRY_RUN_ATTEMPT=$attempt
@@ -180,7 +187,17 @@ run_to_the_end() {
       installed=0
     fi
     if ((!installed)); then
-      setup "$tpu" "$zone" || { note "setup failed: trying again"; sleep "$POLL_SECONDS"; continue; }
+      if ! setup "$tpu" "$zone"; then
+        # Once may be the network; twice is the install itself, which waiting will not mend.
+        if ((++setup_failures >= 2)); then
+          echo "setup failed twice; the slice $tpu is still up:" \
+            "launch/tpu_vm.sh delete $tpu $zone" >&2
+          return 1
+        fi
+        note "setup failed: trying once more"
+        sleep "$POLL_SECONDS"
+        continue
+      fi
       installed=1
     fi
     status=0
@@ -201,7 +218,10 @@ run_to_the_end() {
       return 0
     elif ((status != 75 && status != 255 && status <= 128)); then
       echo "training ended with exit status $status (2: refused config, 1: failed, 3: stopped" \
-        "by launch/tpu_vm.sh stop); see the logs. Not retrying." >&2
+        "by launch/tpu_vm.sh stop). Not retrying. The end of worker 0's log:" >&2
+      run_cmd gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=0 \
+        --command='tail -n 5 ~/hdit-train.log' >&2 || true
+      echo "the slice $tpu is still up: launch/tpu_vm.sh delete $tpu $zone" >&2
       return "$status"
     fi
     note "training stopped (exit status $status): resuming from the latest checkpoint"
@@ -237,17 +257,23 @@ delete() {
 
 main() {
   (($# >= 1)) || usage
-  local subcommand=$1
+  local subcommand=$1 arg args=()
   shift
-  while (($#)); do
-    case $1 in
+  # Options anywhere (before, between or after the arguments); the training command's
+  # --config.* overrides pass through in order. An unknown option is an error, never a
+  # positional argument: a misplaced --dry-run must not run gcloud for real.
+  for arg in "$@"; do
+    case $arg in
       --dry-run) DRY_RUN=1 ;;
-      --spot | --reserved) TIER=$1 ;;
-      --runtime=*) RUNTIME=${1#--runtime=} ;;
-      *) break ;;
+      --spot | --reserved) TIER=$arg ;;
+      --runtime=*) RUNTIME=${arg#--runtime=} ;;
+      --config.* | --config=*) args+=("$arg") ;;
+      -*) echo "unknown option $arg (options: --dry-run, --spot, --reserved, --runtime=V;" \
+             "training overrides: --config.KEY=VALUE)" >&2; exit 2 ;;
+      *) args+=("$arg") ;;
     esac
-    shift
   done
+  set -- ${args[@]+"${args[@]}"}
   case $subcommand in
     create) (($# >= 3)) || usage; create "$@" ;;
     setup) (($# == 2)) || usage; setup "$@" ;;

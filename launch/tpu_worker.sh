@@ -14,7 +14,9 @@ for arg in "$@"; do
   case $arg in --workdir=*) workdir=${arg#--workdir=} ;; esac
 done
 rm -f ~/hdit-stop
-python3 -m hdit_jax.main "$@" > "$log" 2>&1
+python=~/hdit-venv/bin/python   # made by launch/tpu_vm.sh setup
+[[ -x $python ]] || python=python3
+"$python" -m hdit_jax.main "$@" > "$log" 2>&1
 status=$?
 if [[ -e ~/hdit-stop ]]; then   # launch/tpu_vm.sh stop: not a preemption to resume from
   echo "stopped by launch/tpu_vm.sh stop" >> "$log"

@@ -3,6 +3,10 @@
 import json
 import os
 import pathlib
+import socket
+import subprocess
+import sys
+import time
 
 # Eight CPU devices for the sharding tests; read when JAX first starts its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -37,6 +41,41 @@ class KDiffFixtures:
 @pytest.fixture(scope="session")
 def kdiff() -> KDiffFixtures:
   return KDiffFixtures(pathlib.Path(os.environ.get("HDIT_KDIFF_FIXTURES", DEFAULT_FIXTURES)))
+
+
+GCS_TEST_BUCKET = "hdit-test"
+
+
+@pytest.fixture
+def gcs_bucket(monkeypatch):
+  """gs://hdit-test on a local in-memory GCS emulator, for gcsfs, tensorstore and array_record
+  (google-cloud-cpp) alike; the emulator is stopped after the test."""
+  pytest.importorskip("gcsfs")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen(
+      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+       f"--port={port}", f"--default-bucket={GCS_TEST_BUCKET}", "--in-memory", "--quiet"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 30
+    while True:
+      with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+          break
+      assert time.time() < deadline and server.poll() is None, "the GCS emulator did not start"
+      time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)            # gcsfs
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)         # orbax's arrays
+    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # array_record's reader
+    # Without it gcsfs asks a gRPC API that ignores the emulator and times out.
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    yield f"gs://{GCS_TEST_BUCKET}"
+  finally:
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ RANKS = {
     "hdit_jax.evaluation": 5,
     "hdit_jax.training": 6,
     "hdit_jax.main": 7, "hdit_jax.sample": 7, "hdit_jax.evaluate": 7,
+    "hdit_jax.prepare_data": 7,
 }
 
 

@@ -65,39 +65,3 @@ def test_sample_evaluate_export_from_a_workdir(tmp_path, digit_classifier_dir):
   assert result.returncode == 2, result.stderr[-3000:]
   assert "is at step 4, past training.num_steps = 3" in result.stderr
   assert "Traceback" not in result.stderr
-
-
-def test_missing_workdir_is_an_error_and_stays_missing(tmp_path):
-  missing = tmp_path / "nothing"
-  for mode in ("sample", "export", "evaluate"):
-    result = run_main(missing, f"--mode={mode}")
-    assert result.returncode == 2 and "no checkpoints" in result.stderr, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    assert not missing.exists()
-
-
-def test_bad_config_is_refused_in_one_line(tmp_path):
-  """Unknown keys (on the command line or in the file) and impossible values: exit 2 with the
-  key named, no traceback, nothing written."""
-  config_file = tmp_path / "typo_config.py"
-  config_file.write_text(
-      "import importlib.util\n"
-      f"spec = importlib.util.spec_from_file_location('tiny', {str(TINY)!r})\n"
-      "tiny = importlib.util.module_from_spec(spec)\n"
-      "spec.loader.exec_module(tiny)\n"
-      "def get_config():\n"
-      "  c = tiny.get_config()\n"
-      "  c.training.num_step = 10\n"
-      "  return c\n")
-  cases = [
-      (TINY, ["--config.training.foo=1"], "foo"),
-      (TINY, ["--config.training.num_steps=abc"], "num_steps"),
-      (TINY, ["--config.training.num_steps=0"], "training.num_steps must be >= 1"),
-      (config_file, [], "unknown config keys: ['training.num_step']"),
-  ]
-  workdir = tmp_path / "run"
-  for config, args, message in cases:
-    result = run_main(workdir, *args, config=config)
-    assert result.returncode == 2, (args, result.stderr[-3000:])
-    assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
-    assert not workdir.exists(), args

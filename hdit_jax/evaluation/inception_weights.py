@@ -8,10 +8,12 @@ Loading is a rename: `X.conv.weight` [O, I, kh, kw] -> `X.conv.kernel` [kh, kw, 
 """
 
 import os
+import tempfile
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors import numpy as st_numpy
 
@@ -59,10 +61,15 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   `*.safetensors` is read with safetensors.numpy; anything else as a torch `.pth`.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():   # local or gs://
     raise FileNotFoundError(_missing_file_message(path))
   if path.endswith(".safetensors"):
-    state = st_numpy.load_file(path)
+    state = st_numpy.load(epath.Path(path).read_bytes())
+  elif "://" in path:
+    with tempfile.NamedTemporaryFile(suffix=".pth") as local:   # torch.load wants a file
+      local.write(epath.Path(path).read_bytes())
+      local.flush()
+      state = _read_pth(local.name)
   else:
     state = _read_pth(path)
   return {k: np.asarray(v, np.float32) for k, v in state.items() if not _skipped(k)}

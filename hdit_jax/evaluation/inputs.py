@@ -1,20 +1,20 @@
 """The sets that evaluation compares: images, Inception features or statistics, from files.
 
 A set is one of: an image npz (key `arr_0`, uint8 NHWC: the ADM evaluation suite's convention),
-a folder of images (searched recursively), a features npz (key `features`, [N, D]) or a
-statistics npz (keys `mu`, `sigma`). Image npz files are read in chunks, never whole.
+a folder of images (searched recursively), a dataset written by `hdit_jax.prepare_data` (its
+'train' split, or its only one), a features npz (key `features`, [N, D]) or a statistics npz
+(keys `mu`, `sigma`). Paths may be local or gs://. Image npz files are read in chunks, never
+whole.
 """
 
 import dataclasses
-import os
 import zipfile
 from typing import Callable, Iterator
 
 import numpy as np
 from etils import epath
-from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from hdit_jax.data import sources
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ def read_set(path: str) -> ImageSet | FeatureSet:
   if not target.exists():
     raise FileNotFoundError(f"{path} does not exist")
   if target.is_dir():
-    return _folder(path)
+    return _prepared(path) if (target / "dataset_info.json").exists() else _folder(path)
   if not path.endswith(".npz"):
     raise ValueError(f"{path}: expected an .npz file (arr_0 images, features, or mu/sigma "
                      "statistics) or a folder of images")
@@ -90,26 +90,35 @@ def _image_npz(path: str) -> ImageSet:
   return ImageSet(path, int(shape[0]), batches)
 
 
-def _folder(path: str) -> ImageSet:
-  files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                 if name.lower().endswith(IMAGE_EXTENSIONS))
-  if not files:
-    raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
-
-  def batches(batch_size: int) -> Iterator[np.ndarray]:
-    # A batch holds images of one size; a size change starts a new batch.
-    batch: list[np.ndarray] = []
-    for name in files:
-      with Image.open(name) as im:
-        image = np.asarray(im.convert("RGB"))
-      if batch and (len(batch) == batch_size or batch[0].shape != image.shape):
-        yield np.stack(batch)
-        batch = []
-      batch.append(image)
-    if batch:
+def _batches_of(images: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+  """A batch holds images of one size; a size change starts a new batch."""
+  batch: list[np.ndarray] = []
+  for image in images:
+    if batch and (len(batch) == batch_size or batch[0].shape != image.shape):
       yield np.stack(batch)
+      batch = []
+    batch.append(image)
+  if batch:
+    yield np.stack(batch)
 
-  return ImageSet(path, len(files), batches)
+
+def _folder(path: str) -> ImageSet:
+  files = sources.images_under(epath.Path(path))
+  if not files:
+    raise ValueError(f"no images ({', '.join(sources.IMAGE_EXTENSIONS)}) found under {path}")
+  return ImageSet(path, len(files), lambda batch_size: _batches_of(
+      (sources.decode_image(name, 3) for name in files), batch_size))
+
+
+def _prepared(path: str) -> ImageSet:
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  splits = sorted(tfds.builder_from_directory(path).info.splits)
+  if "train" not in splits and len(splits) != 1:
+    raise ValueError(f"{path} has the splits {splits} and no 'train'")
+  split = "train" if "train" in splits else splits[0]
+  source = sources.PreparedSource(path, split)
+  return ImageSet(path, len(source), lambda batch_size: _batches_of(
+      (sources.decode_image(source[i]["image"], 3) for i in range(len(source))), batch_size))
 
 
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:

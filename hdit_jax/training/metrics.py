@@ -3,6 +3,7 @@
 import json
 import os
 import tempfile
+import time
 from typing import Any, Mapping
 
 import jax
@@ -36,24 +37,57 @@ def train_flops_per_image(forward_gmacs: float) -> float:
 class MetricWriter:
   """Scalars and images to TensorBoard (tensorboardX) and scalars to `metrics.jsonl`.
 
-  For a remote workdir (gs://) the files are written locally and copied up at every flush.
+  For a remote workdir (gs://) the files are written locally and copied up, at most every
+  `upload_every` seconds and at evaluations and the end; only files that changed since their
+  last upload are copied. A TensorBoard event file is closed and a new one begun once it holds
+  `rotate_bytes`, so a long run's events (sample grids included) are copied up about once, not
+  at every flush. An existing `metrics.jsonl` and `eval.jsonl` in the workdir are continued,
+  on gs:// as locally.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, *, upload_every: float = 30.0,
+               rotate_bytes: int = 4 << 20):
     self.enabled = enabled
     self._remote = workdir if "://" in workdir else None
     self._local = tempfile.mkdtemp(prefix="hdit-metrics-") if self._remote else workdir
-    self._tb = None
+    self._upload_every, self._rotate_bytes = upload_every, rotate_bytes
+    self._uploaded: dict[str, tuple[int, int]] = {}   # local path -> (size, mtime_ns) sent
+    self._last_upload = time.monotonic()
+    self._tb, self._event_file = None, None
     self._jsonl = None
     self._eval_jsonl = None   # opened by the first evaluation
     if enabled:
       os.makedirs(self._local, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"))
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("TensorBoard events disabled: %s", e)
+      if self._remote:
+        self._download(("metrics.jsonl", "eval.jsonl"))
+      self._tb = self._event_writer()
       self._jsonl = open(os.path.join(self._local, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def _download(self, names) -> None:
+    """The remote logs to continue (their earlier lines would otherwise be overwritten)."""
+    for name in names:
+      remote = epath.Path(self._remote) / name
+      if remote.exists():
+        local = os.path.join(self._local, name)
+        with open(local, "wb") as f:
+          f.write(remote.read_bytes())
+        stat = os.stat(local)
+        self._uploaded[local] = (stat.st_size, stat.st_mtime_ns)
+
+  def _event_writer(self):
+    """A new tensorboardX writer; `self._event_file` is the file it writes."""
+    directory = os.path.join(self._local, "tensorboard")
+    before = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      # A distinct suffix per file: rotations within one second must not share a name.
+      writer = SummaryWriter(directory, filename_suffix=f".{time.time_ns()}")
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("TensorBoard events disabled: %s", e)
+      return None
+    (name,) = set(os.listdir(directory)) - before
+    self._event_file = os.path.join(directory, name)
+    return writer
 
   def scalars(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -78,31 +112,44 @@ class MetricWriter:
       self._eval_jsonl = open(os.path.join(self._local, "eval.jsonl"), "a", encoding="utf-8")
     self._eval_jsonl.write(json.dumps({"step": step, **values}) + "\n")
     logging.info("evaluation at step %d: %s", step, values)
-    self.flush()
+    self.flush(upload=True)
 
   def image(self, step: int, name: str, image: np.ndarray) -> None:
     """image: uint8 [H, W, C]."""
     if self.enabled and self._tb is not None:
       self._tb.add_image(name, image, step, dataformats="HWC")
 
-  def flush(self) -> None:
+  def flush(self, upload: bool = False) -> None:
+    """Write out; copy to a remote workdir if `upload` or `upload_every` seconds have passed."""
     if not self.enabled:
       return
     if self._tb is not None:
       self._tb.flush()
+      if self._remote and os.path.getsize(self._event_file) >= self._rotate_bytes:
+        self._tb.close()   # complete: uploaded once below, never again
+        self._tb = self._event_writer()
+        upload = True
     self._jsonl.flush()
     if self._eval_jsonl is not None:
       self._eval_jsonl.flush()
-    self._upload()
+    if upload or time.monotonic() - self._last_upload >= self._upload_every:
+      self._upload()
 
   def _upload(self) -> None:
-    if self._remote:
-      for root, _, files in os.walk(self._local):
-        for name in files:
-          local = os.path.join(root, name)
-          target = epath.Path(self._remote) / os.path.relpath(local, self._local)
-          target.parent.mkdir(parents=True, exist_ok=True)
-          target.write_bytes(epath.Path(local).read_bytes())
+    if not self._remote:
+      return
+    self._last_upload = time.monotonic()
+    for root, _, files in os.walk(self._local):
+      for name in files:
+        local = os.path.join(root, name)
+        stat = os.stat(local)
+        if not stat.st_size or self._uploaded.get(local) == (stat.st_size, stat.st_mtime_ns):
+          continue   # empty (an event file just begun) or sent as it is
+        target = epath.Path(self._remote) / os.path.relpath(local, self._local)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "rb") as f:
+          target.write_bytes(f.read())
+        self._uploaded[local] = (stat.st_size, stat.st_mtime_ns)
 
   def close(self) -> None:
     if not self.enabled:

@@ -11,7 +11,7 @@ from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training.optimizer import ema_decay, ema_update, learning_rate, nonfinite_counts
 from hdit_jax.training.state import ModelDef, TrainState
 
-Batch = Mapping[str, jax.Array]   # image [B, H, W, C] in [-1, 1], label [B], aug_cond [B, 9]
+Batch = Mapping[str, jax.Array]   # image [B, H, W, C] uint8 or in [-1, 1], label [B], aug_cond [B, 9]
 
 
 def make_train_step(config: Any, model_def: ModelDef, tx: optax.GradientTransformation,
@@ -45,7 +45,10 @@ def make_train_step(config: Any, model_def: ModelDef, tx: optax.GradientTransfor
   def train_step(state: TrainState, batch: Batch, key: jax.Array):
     key = jax.random.fold_in(key, state.step)
     k_noise, k_sigma, k_drop, k_dropout = jax.random.split(key, 4)
-    images = batch["image"].astype(jnp.float32)
+    images = batch["image"]
+    # uint8 batches (no augmentation) are scaled here, on the device: [0, 255] -> [-1, 1].
+    images = (images.astype(jnp.float32) / 127.5 - 1.0 if images.dtype == jnp.uint8
+              else images.astype(jnp.float32))
     n = images.shape[0]
     inputs = dict(batch, image=images,
                   noise=jax.random.normal(k_noise, images.shape, jnp.float32),

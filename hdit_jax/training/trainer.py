@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 
 from hdit_jax import flops as flops_lib
 from hdit_jax.data.pipeline import make_loader
@@ -32,6 +33,12 @@ class TrainingHalted(RuntimeError):
   """The run cannot go on (too many non-finite steps in a row); its last checkpoint is intact."""
 
 
+def _sum_over_hosts(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
 def _global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding):
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
@@ -47,11 +54,17 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), len(devices),
                devices[0].device_kind)
 
-  model_def, abstract_state, shardings, tx, init = state_lib.setup(config, mesh, rules)
-  loader, num_classes = make_loader(config, seed=config.seed)
+  # The data first: its problems are the user's, and cheap to find before the model is built.
+  try:
+    loader, num_classes = make_loader(config, seed=config.seed)
+  except (FileNotFoundError, ValueError) as e:   # a missing folder, no images, no such split
+    raise ConfigError(f"data ({config.data.source} {config.data.name!r}): {e}") from None
   if config.model.get("num_classes", 0) and num_classes > config.model.num_classes:
-    raise ValueError(f"the dataset has {num_classes} classes but model.num_classes is "
-                     f"{config.model.num_classes}")
+    raise ConfigError(f"the dataset has {num_classes} classes but model.num_classes is "
+                      f"{config.model.num_classes}: set --config.model.num_classes="
+                      f"{num_classes}")
+
+  model_def, abstract_state, shardings, tx, init = state_lib.setup(config, mesh, rules)
   data_iterator = iter(loader)
 
   training = config.training
@@ -95,11 +108,14 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   last_time, last_step = time.perf_counter(), start_step
   step = start_step
   reported_skips = int(jax.device_get(nonfinite_counts(state.opt_state)["nonfinite_total"]))
+  replaced_here = reported_replaced = 0   # unreadable image reads: on this host / last shown
   try:
     while step < training.num_steps:
       if profile_steps and step == profile_start:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
-      batch = _global_batch(next(data_iterator), batch_sharding)
+      local = next(data_iterator)
+      replaced_here += int(local.pop("replaced").sum())
+      batch = _global_batch(local, batch_sharding)
       state, measurements = train_step(state, batch, base_key)
       step += 1
       if profile_steps and step == profile_start + profile_steps:
@@ -116,12 +132,21 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
                             tflops_per_device=tflops)
         if peak:
           measurements["mfu"] = tflops * 1e12 / peak
+        replaced = _sum_over_hosts(replaced_here)
+        measurements["data_unreadable_total"] = replaced
         writer.scalars(step, measurements)
         skips = int(measurements["nonfinite_total"])
         postfix = dict(loss=f"{measurements['loss']:.4f}", img_s=f"{images_per_second:.1f}")
         if skips:
           postfix["skipped"] = skips
+        if replaced:
+          postfix["bad_images"] = replaced
         progress.set_postfix(**postfix)
+        if replaced > reported_replaced:
+          logging.warning("step %d: %d reads of unreadable images so far in this run, each "
+                          "replaced by the next readable image (the files are named in warnings "
+                          "from the processes that read them)", step, replaced)
+          reported_replaced = replaced
         in_a_row = int(measurements["nonfinite_consecutive"])
         if skips > reported_skips:
           logging.warning("step %d: %d steps with a non-finite loss or gradients skipped so far "

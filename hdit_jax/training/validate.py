@@ -97,6 +97,11 @@ def _validate(config: Any, num_devices: int, num_processes: int) -> None:
     raise ValueError(f"data.source must be one of {SOURCES}, got {config.data.source!r}")
   if config.data.fit not in FITS:
     raise ValueError(f"data.fit must be one of {FITS}, got {config.data.fit!r}")
+  if config.data.source in ("prepared", "folder") and not config.data.name:
+    raise ValueError(f"data.source = {config.data.source!r} needs data.name, the dataset's "
+                     "directory (local or gs://)")
+  if int(config.data.read_threads) < 1 or int(config.data.prefetch_buffer) < 1:
+    raise ValueError("data.read_threads and data.prefetch_buffer must be >= 1")
   if int(config.training.num_steps) < 1:
     raise ValueError("training.num_steps must be >= 1")
   if int(config.training.max_consecutive_nonfinite) < 0:

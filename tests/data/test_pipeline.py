@@ -42,8 +42,10 @@ def test_image_folder_labels_and_shapes(tmp_path):
   labels = np.concatenate([b["label"] for b in batches])
   assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
   assert batches[0]["image"].shape == (4, 16, 16, 3)
-  assert batches[0]["image"].dtype == np.float32
-  assert -1 <= batches[0]["image"].min() and batches[0]["image"].max() <= 1
+  assert batches[0]["image"].dtype == np.uint8   # no augmentation: scaled on the device
+  augmented = next(iter(make_loader(folder_config(tmp_path, augment_prob=0.5), seed=0)[0]))
+  assert augmented["image"].dtype == np.float32 and augmented["aug_cond"].shape == (4, 9)
+  assert -1.5 <= augmented["image"].min() and augmented["image"].max() <= 1.5
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
@@ -55,6 +57,19 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
   assert all(r["image"].shape == (16, 16, 3) for r in records)
   loader, _ = make_loader(folder_config(tmp_path), seed=0, num_epochs=1)
   assert sum(len(b["label"]) for b in loader) == 12   # 14 records, drop_remainder batches of 4
+
+
+@pytest.mark.fault
+def test_unreadable_images_are_counted_from_worker_processes(tmp_path):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.FLAGS.mark_as_parsed()   # grain's workers read absl flags
+  make_folder(tmp_path, corrupt=1)
+  for workers in (0, 1):
+    loader, _ = make_loader(folder_config(tmp_path, num_workers=workers, batch_size=1), seed=0,
+                            num_epochs=1)
+    batches = list(loader)
+    assert len(batches) == 13   # 12 images and one unreadable, replaced by its successor
+    assert sum(int(b["replaced"].sum()) for b in batches) == 1, workers
 
 
 def test_missing_folder_and_empty_folder(tmp_path):
@@ -158,6 +173,5 @@ def test_pad_fit_through_the_loader():
   batch = next(iter(loader))
   mnist = sources.EmbeddedSource("mnist")
   assert batch["image"].shape == (4, 32, 32, 1)
-  np.testing.assert_allclose(batch["image"][0, 2:30, 2:30],
-                             mnist[0]["image"].astype(np.float32) / 127.5 - 1, atol=1e-6)
-  np.testing.assert_array_equal(batch["image"][:, :2], -1.0)   # black border in [-1, 1]
+  np.testing.assert_array_equal(batch["image"][0, 2:30, 2:30], mnist[0]["image"])
+  np.testing.assert_array_equal(batch["image"][:, :2], 0)   # a black border

@@ -149,3 +149,14 @@ def test_pth_and_its_conversion_load_the_same(state_dict, model, tmp_path):
   # The documented one-line conversion, run where the .pth is.
   subprocess.run([sys.executable, "-c", inception_weights.CONVERT_CODE], cwd=tmp_path, check=True)
   assert_same_weights(load_inception(tmp_path / inception_weights.SAFETENSORS_NAME), model)
+
+
+@pytest.mark.gcs
+def test_weights_on_gcs_load_the_same(weights_path, model, gcs_bucket):
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  remote = epath.Path(gcs_bucket) / "weights" / inception_weights.SAFETENSORS_NAME
+  remote.parent.mkdir(parents=True, exist_ok=True)
+  remote.write_bytes(open(weights_path, "rb").read())
+  assert_same_weights(load_inception(str(remote)), model)
+  with pytest.raises(FileNotFoundError, match="not found"):
+    load_inception(f"{gcs_bucket}/weights/missing.safetensors")

@@ -100,6 +100,8 @@ def test_tpu_run_dry_run_shows_the_resume_loop(no_tools):
     assert "--workdir=gs://b/w" in remote
   install = _remote(commands[5])
   assert "pip" in install and "-e" in install
+  # Ubuntu 22.04's Python 3.10 is too old: a Python 3.11 environment, which the worker uses.
+  assert "venv" in install and "3.11" in install and "hdit-venv" in " ".join(install)
   assert "exit status 75): resuming from the latest checkpoint" in out
   assert out.rstrip().endswith("the run reached its last step")
   assert not called.exists()
@@ -202,6 +204,16 @@ esac
   assert calls.count("tpu_worker.sh") == 1 and "pip install" in calls
 
 
+def test_tpu_worker_uses_the_setup_environment(tmp_path):
+  home = tmp_path / "home"
+  (home / "hdit-venv" / "bin").mkdir(parents=True)
+  _executable(home / "hdit-venv" / "bin" / "python", "#!/bin/sh\necho from the venv\nexit 0\n")
+  env = dict(os.environ, HOME=str(home))
+  result = subprocess.run([str(LAUNCH / "tpu_worker.sh"), "--config=c"], env=env, timeout=60)
+  assert result.returncode == 0
+  assert (home / "hdit-train.log").read_text() == "from the venv\n"
+
+
 def test_tpu_worker_reports_a_stop_as_3(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
@@ -253,4 +265,23 @@ def test_gpu_launchers_dry_run(no_tools):
                  *OVERRIDES, env=env)[0]
   assert srun == ["srun", "--kill-on-bad-exit=0", "launch/gpu_multihost.sh",
                   "configs/ffhq1024.py", "gs://b/w", *OVERRIDES]
+  assert not called.exists()
+
+
+def test_options_anywhere_and_unknown_ones_refused(no_tools):
+  """A --dry-run (or --spot) after the arguments still holds: nothing runs for real."""
+  env, called = no_tools
+  commands, _ = _dry("tpu_vm.sh", "create", "my-pod", "us-east5-a", "v5p-64", "--spot",
+                     "--dry-run", env=env)
+  assert commands[0][:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert "--spot" in commands[0]
+  commands, _ = _dry("tpu_vm.sh", "run", "hdit", "us-east5-a", "v5p-64", "configs/x.py",
+                     "gs://b/w", "--config.seed=3", "--spot", "--dry-run", env=env)
+  create = next(c for c in commands if c[3:5] == ["queued-resources", "create"])
+  assert "--spot" in create
+  assert not called.exists()
+  for args in (["logs", "hdit", "z", "--dryrun"], ["train", "t", "z", "c.py", "w", "-dry-run"]):
+    done = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "unknown option" in done.stderr, (args, done.stderr)
   assert not called.exists()

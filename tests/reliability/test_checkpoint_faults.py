@@ -166,3 +166,54 @@ def test_a_checkpoint_of_another_optimizer_layout_is_refused(tmp_path):
   with pytest.raises(ConfigError, match="laid out otherwise than this version"):
     checkpointer.restore_latest_good(abstract, None)
   checkpointer.close()
+
+
+_KILLED_MID_SAVE = '''
+import os, signal, sys
+sys.path.insert(0, {training!r})
+import jax
+from hdit_jax.training import checkpoint as ckpt_lib, trainer
+from test_training import tiny_config
+
+real_save = ckpt_lib.Checkpointer.save
+
+def save_then_die(self, step, state, data_iterator):
+  started = real_save(self, step, state, data_iterator)
+  if step == 4:   # the asynchronous save of step 4 has begun, not finished: die now
+    os.kill(os.getpid(), signal.SIGKILL)
+  return started
+
+ckpt_lib.Checkpointer.save = save_then_die
+config = tiny_config(data=1)
+config.training.update(num_steps=6, checkpoint_every=2, keep_checkpoints=3)
+trainer.train(config, {workdir!r}, jax.devices()[:1])
+'''
+
+
+def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  script = _KILLED_MID_SAVE.format(training=str(ROOT / "tests" / "training"),
+                                   workdir=str(workdir))
+  killed = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  entries = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  # Step 4 was being written: what there is of it is not a complete checkpoint.
+  assert "2" in entries and "4" not in entries, entries
+  assert any(name.startswith("4") for name in entries), entries   # its half-written folder
+  reopened = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), keep=3)
+  assert reopened.latest_step() == 2
+  reopened.close()
+
+  resumed = subprocess.run(
+      [sys.executable, "-m", "hdit_jax.main", f"--config={ROOT / 'tests/training/tiny_config.py'}",
+       f"--workdir={workdir}", "--config.training.num_steps=6",
+       "--config.training.checkpoint_every=2", "--config.training.keep_checkpoints=3"],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  logged = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert logged == [1, 2, 3, 4, 3, 4, 5, 6]   # steps 3 and 4 trained again after step 2
+  final = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), keep=3)
+  assert final.manager.all_steps() == [2, 4, 6]
+  final.close()

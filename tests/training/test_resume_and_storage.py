@@ -1,12 +1,10 @@
 """Preemption and resume, checkpoints on gs:// (a local GCS emulator), and clear failures."""
 
-import contextlib
 import json
 import os
 import pathlib
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -86,81 +84,91 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
   assert logged == list(range(1, steps + 1))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+@pytest.mark.gcs
+def test_gcs_save_restore_through_emulator(gcs_bucket):
+  # Saved from one device: orbax writes replicated arrays in one slice per replica, each a
+  # request to the (slow, single-threaded) emulator; the restore still reshards onto 8.
+  config = tiny_config(data=1, fsdp=1, tensor=1)
+  state, _ = run_steps(config, jax.devices()[:1], steps=1)
+  directory = f"{gcs_bucket}/run/checkpoints"
+  # The emulator's object generations break OCDBT manifests (tensorstore: "Malformed
+  # StorageGeneration"); real GCS does not, so only here the per-array format is used.
+  checkpointer = ckpt_lib.Checkpointer(directory, keep=1, use_ocdbt=False)
+  for step in (1, 2):
+    checkpointer.save(step, state, None)
+    checkpointer.wait()
+  assert checkpointer.manager.all_steps() == [2]   # keep-last-1 deleted step 1 on gs://
+  checkpointer.close()
 
-
-@contextlib.contextmanager
-def gcs_emulator(bucket: str):
-  port = _free_port()
-  server = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-       f"--port={port}", f"--default-bucket={bucket}", "--in-memory", "--quiet"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 30
-    while True:
-      with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", port)) == 0:
-          break
-      assert time.time() < deadline and server.poll() is None, "the GCS emulator did not start"
-      time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-  finally:
-    server.terminate()
-    server.wait(timeout=30)
+  reopened = ckpt_lib.Checkpointer(directory, keep=1, use_ocdbt=False)
+  assert reopened.latest_step() == 2
+  config.mesh.update(data=2, fsdp=4)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, abstract, _, _, _ = state_lib.setup(config, mesh, dict(config.sharding_rules))
+  restored = reopened.restore(abstract, None)
+  reopened.close()
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.gcs
-def test_gcs_save_restore_through_emulator(monkeypatch):
-  pytest.importorskip("gcsfs")
-  with gcs_emulator("hdit-test") as url:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
-    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    # Saved from one device: orbax writes replicated arrays in one slice per replica, each a
-    # request to the (slow, single-threaded) emulator; the restore still reshards onto 8.
-    config = tiny_config(data=1, fsdp=1, tensor=1)
-    state, _ = run_steps(config, jax.devices()[:1], steps=1)
-    directory = "gs://hdit-test/run/checkpoints"
-    # The emulator's object generations break OCDBT manifests (tensorstore: "Malformed
-    # StorageGeneration"); real GCS does not, so only here the per-array format is used.
-    checkpointer = ckpt_lib.Checkpointer(directory, keep=1, use_ocdbt=False)
-    for step in (1, 2):
-      checkpointer.save(step, state, None)
-      checkpointer.wait()
-    assert checkpointer.manager.all_steps() == [2]   # keep-last-1 deleted step 1 on gs://
-    checkpointer.close()
-
-    reopened = ckpt_lib.Checkpointer(directory, keep=1, use_ocdbt=False)
-    assert reopened.latest_step() == 2
-    config.mesh.update(data=2, fsdp=4)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    _, abstract, _, _, _ = state_lib.setup(config, mesh, dict(config.sharding_rules))
-    restored = reopened.restore(abstract, None)
-    reopened.close()
-    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@pytest.mark.gcs
-def test_metrics_and_samples_reach_a_gs_workdir(monkeypatch):
-  pytest.importorskip("gcsfs")
+def test_metrics_and_samples_reach_a_gs_workdir(gcs_bucket):
   from etils import epath  # pylint: disable=import-outside-toplevel
   from hdit_jax.sampling import grid  # pylint: disable=import-outside-toplevel
   from hdit_jax.training import metrics  # pylint: disable=import-outside-toplevel
-  with gcs_emulator("hdit-metrics") as url:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    workdir = "gs://hdit-metrics/run"
-    writer = metrics.MetricWriter(workdir)
-    writer.scalars(5, {"loss": np.float32(0.5)})
-    writer.image(5, "samples", np.zeros((4, 4, 3), np.uint8))
-    writer.close()
-    lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[0]) == {"step": 5, "loss": 0.5}
-    assert list((epath.Path(workdir) / "tensorboard").glob("events.out.tfevents.*"))
-    grid.save_png(np.zeros((4, 4, 3), np.uint8), workdir + "/samples/s.png")
-    assert (epath.Path(workdir) / "samples" / "s.png").exists()
+  workdir = f"{gcs_bucket}/run"
+  writer = metrics.MetricWriter(workdir)
+  writer.scalars(5, {"loss": np.float32(0.5)})
+  writer.image(5, "samples", np.zeros((4, 4, 3), np.uint8))
+  writer.close()
+  lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[0]) == {"step": 5, "loss": 0.5}
+  assert list((epath.Path(workdir) / "tensorboard").glob("events.out.tfevents.*"))
+  grid.save_png(np.zeros((4, 4, 3), np.uint8), workdir + "/samples/s.png")
+  assert (epath.Path(workdir) / "samples" / "s.png").exists()
+
+
+@pytest.mark.gcs
+def test_a_gs_workdir_gets_only_what_changed_and_keeps_earlier_lines(gcs_bucket, monkeypatch):
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from hdit_jax.training import metrics  # pylint: disable=import-outside-toplevel
+  workdir = f"{gcs_bucket}/logs"
+  sent = []
+  real_write = epath.Path.write_bytes
+
+  def counting_write(self, data):
+    sent.append((self.name, len(data)))
+    return real_write(self, data)
+
+  monkeypatch.setattr(type(epath.Path(workdir)), "write_bytes", counting_write)
+  rng = np.random.default_rng(0)
+  # Uploads: when an event file is full (200 kB here), and at the end; not at every flush.
+  writer = metrics.MetricWriter(workdir, upload_every=3600, rotate_bytes=200_000)
+  for step in range(1, 41):
+    writer.scalars(step, {"loss": 1.0 / step})
+    if step % 10 == 0:   # a sample grid of ~100 kB (incompressible) every 10 steps
+      writer.image(step, "samples", rng.integers(0, 256, (180, 180, 3), dtype=np.uint8))
+  writer.close()
+  events = sorted((epath.Path(workdir) / "tensorboard").glob("events.out.tfevents.*"))
+  event_bytes = sum(len(p.read_bytes()) for p in events)
+  sent_events = [n for name, n in sent if name.startswith("events.out")]
+  # Each event file went up once, whole (re-sending the growing file at each of the 40 flushes
+  # sent ~20x more).
+  assert len(events) >= 2 and sum(sent_events) == event_bytes and len(sent_events) == len(events)
+  assert 2 <= sum(1 for name, _ in sent if name == "metrics.jsonl") <= len(events) + 1
+
+  # Uploading at every flush, an upload carries at most one event file's share.
+  sent.clear()
+  often = metrics.MetricWriter(f"{gcs_bucket}/often", upload_every=0, rotate_bytes=200_000)
+  for step in range(1, 21):
+    often.scalars(step, {"loss": 1.0})
+    if step % 5 == 0:
+      often.image(step, "samples", rng.integers(0, 256, (180, 180, 3), dtype=np.uint8))
+  often.close()
+  assert max(n for name, n in sent if name.startswith("events.out")) < 200_000 + 100_000
+
+  again = metrics.MetricWriter(workdir, upload_every=0)   # a resumed run on the same workdir
+  again.scalars(41, {"loss": 0.5})
+  again.close()
+  lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == list(range(1, 42))

@@ -218,6 +218,25 @@ def test_a_nonfinite_step_is_skipped_and_counted():
   assert any(jax.tree.leaves(changed))
 
 
+def test_uint8_batches_are_scaled_on_the_device():
+  config = tiny_config(data=1)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  model_def, _, _, tx, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
+  step = jax.jit(make_train_step(config, model_def, tx, 1))
+  batch = random_batch(config, 16, seed=4)
+  pixels = np.random.default_rng(4).integers(0, 256, batch["image"].shape, dtype=np.uint8)
+  state = init()
+  # Perturbed, so that the zero-initialised output projection lets the input show.
+  state = state.replace(params=jax.tree.map(lambda p: p + 0.05, state.params))
+  _, as_uint8 = step(state, dict(batch, image=pixels), jax.random.key(1))
+  _, as_float = step(state, dict(batch, image=pixels.astype(np.float32) / 127.5 - 1),
+                     jax.random.key(1))
+  _, other = step(state, dict(batch, image=np.flip(pixels, 1).astype(np.float32) / 127.5 - 1),
+                  jax.random.key(1))
+  np.testing.assert_allclose(float(as_uint8["loss"]), float(as_float["loss"]), rtol=1e-6)
+  assert abs(float(other["loss"]) - float(as_float["loss"])) > 1e-4 * float(as_float["loss"])
+
+
 def _poison_third_batch(monkeypatch):
   from hdit_jax.training import trainer  # pylint: disable=import-outside-toplevel
   real, calls = trainer._global_batch, []   # pylint: disable=protected-access

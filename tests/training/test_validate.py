@@ -20,6 +20,10 @@ ABLATION_VARIANTS = ABLATION_LADDER + ABLATION_SIDE
                                        *[("mnist_ablation", v) for v in ABLATION_VARIANTS]])
 def test_shipped_configs_are_valid(name, arg):
   config = load_config(ROOT / "configs" / f"{name}.py", arg)
+  if config.data.source == "folder":   # FFHQ's images: the user's folder (refused when unset)
+    with pytest.raises(ValueError, match="needs data.name"):
+      validate_config(config, num_devices=8)
+    config.data.name = "/data/ffhq"
   validate_config(config, num_devices=8)
 
 
@@ -37,6 +41,8 @@ def test_shipped_configs_are_valid(name, arg):
     (lambda c: c.model.update(depths=(1, 1, 1)), "model.widths has 2 entries"),
     (lambda c: c.data.update(source="s3"), "data.source"),
     (lambda c: c.data.update(fit="stretch"), "data.fit"),
+    (lambda c: c.data.update(source="prepared", name=""), "needs data.name"),
+    (lambda c: c.data.update(prefetch_buffer=0), "data.prefetch_buffer"),
     (lambda c: (c.model.update(num_classes=1000), c.evaluation.update(metric="digits")),
      "scores the 10 digit classes"),
 ])
