@@ -128,18 +128,12 @@ class ImageFolderSource:
     return {"image": path, "label": label}
 
 
-class TfdsSource:
-  """A tfds dataset prepared as array_record (`tfds.data_source`; no TensorFlow needed)."""
+class _TfdsRecords:
+  """Records of a tfds data source (`self.source`), described by `self.description`."""
+  source: Any
+  description: str
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None):
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-    features = self.source.dataset_info.features
-    label = features["label"] if "label" in features.keys() else None
-    self.num_classes = int(getattr(label, "num_classes", 0) or 0)
-    self.description = f"TfdsSource({name!r}, {split!r})"
-
-  def __repr__(self) -> str:
+  def __repr__(self) -> str:   # grain checks it when restoring an iterator
     return self.description
 
   def __len__(self) -> int:
@@ -150,7 +144,19 @@ class TfdsSource:
     return {"image": record["image"], "label": record.get("label", 0)}
 
 
-class PreparedSource:
+class TfdsSource(_TfdsRecords):
+  """A tfds dataset prepared as array_record (`tfds.data_source`; no TensorFlow needed)."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    features = self.source.dataset_info.features
+    label = features["label"] if "label" in features.keys() else None
+    self.num_classes = int(getattr(label, "num_classes", 0) or 0)
+    self.description = f"TfdsSource({name!r}, {split!r})"
+
+
+class PreparedSource(_TfdsRecords):
   """A dataset written by `python -m hdit_jax.prepare_data` (local or gs://).
 
   It is a tfds dataset directory (array_record shards, dataset_info.json, features.json), read
@@ -177,16 +183,6 @@ class PreparedSource:
     preparation = path / PREPARATION_FILE
     self.preparation = json.loads(preparation.read_text()) if preparation.exists() else {}
     self.description = f"PreparedSource({directory!r}, {split!r})"
-
-  def __repr__(self) -> str:
-    return self.description
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self.source[index]
-    return {"image": record["image"], "label": record.get("label", 0)}
 
 
 class SyntheticSource:
