@@ -44,6 +44,15 @@ _PNGS = flags.DEFINE_bool("pngs", False, "sample: also write one PNG per image."
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL
 
 
+def _announces_several_processes() -> bool:
+  """Whether the environment says that this is one of several processes (then a failure to
+  join them is an error, never a silent fallback to independent runs)."""
+  env = os.environ
+  return ("," in env.get("TPU_WORKER_HOSTNAMES", "") or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+          or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+
+
 def initialize_distributed() -> None:
   """Join the other hosts: TPU slices, SLURM and Open MPI are detected by JAX; elsewhere set
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
@@ -54,10 +63,7 @@ def initialize_distributed() -> None:
   try:
     jax.distributed.initialize(**explicit)
   except (ValueError, RuntimeError) as e:
-    # Nothing announces other processes: a single host. A multi-host environment must not
-    # silently fall back to independent runs.
-    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get(
-        "JAX_COORDINATOR_ADDRESS"):
+    if _announces_several_processes():
       raise
     logging.info("single host (%s)", e)
 

@@ -6,10 +6,14 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 # Eight CPU devices for the sharding tests; read when JAX first starts its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Programs compiled again (a resumed run, the CLI runs of one config) come from a cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="hdit-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np

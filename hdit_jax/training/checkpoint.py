@@ -149,7 +149,17 @@ class Checkpointer:
     has_fingerprint = (epath.Path(self.directory) / str(step) / "fingerprint").exists()
     if has_fingerprint:
       args["fingerprint"] = ocp.args.JsonRestore()
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except ValueError as e:
+      if "in checkpoint does not match" not in str(e):
+        raise
+      # Not damage: grain refuses a data position saved by another input pipeline (its worker
+      # count, or its sampler: hosts, workers, dataset size, seed).
+      raise ConfigError(
+          f"checkpoint step {step} in {self.directory} holds the data position of another input "
+          f"pipeline ({' '.join(str(e).split())}): resume with the same number of hosts, "
+          "data.num_workers, dataset and seed, or start a new workdir") from None
     if has_fingerprint:
       _check_fingerprint(restored["fingerprint"], fingerprint(restored["state"]))
     else:

@@ -34,6 +34,18 @@ def train_flops_per_image(forward_gmacs: float) -> float:
   return 3 * 2 * forward_gmacs * 1e9
 
 
+def host_measurements() -> dict[str, float]:
+  """This process's resident memory (MiB, where /proc tells it) and its number of live JAX
+  arrays: both flat over a healthy run, so a leak shows in the metrics."""
+  out = {"live_arrays": float(len(jax.live_arrays()))}
+  try:
+    with open("/proc/self/statm") as f:
+      out["host_memory_mib"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except (OSError, ValueError):
+    pass
+  return out
+
+
 class MetricWriter:
   """Scalars and images to TensorBoard (tensorboardX) and scalars to `metrics.jsonl`.
 

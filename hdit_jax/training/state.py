@@ -71,8 +71,10 @@ def setup(config: Any, mesh: Mesh, rules: Mapping[str, Any]):
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       jax.eval_shape(init_fn, jax.random.key(0)), shardings)
   # The RNG state holds only dropout streams, reseeded every step: any concrete value will do.
-  model_def = ModelDef(model_def.graphdef, jax.device_put(
-      jax.tree.map(_concrete, model_def.rng_state), mesh_lib.replicated(mesh)))
+  # Made under jit, so that it spans every host's devices (device_put reaches only this host's).
+  rng_state = jax.jit(lambda: jax.tree.map(_concrete, model_def.rng_state),
+                      out_shardings=mesh_lib.replicated(mesh))()
+  model_def = ModelDef(model_def.graphdef, rng_state)
   init = lambda: jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
   return model_def, abstract_state, shardings, tx, init
 

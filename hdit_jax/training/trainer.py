@@ -134,6 +134,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
           measurements["mfu"] = tflops * 1e12 / peak
         replaced = _sum_over_hosts(replaced_here)
         measurements["data_unreadable_total"] = replaced
+        measurements.update(metrics_lib.host_measurements())
         writer.scalars(step, measurements)
         skips = int(measurements["nonfinite_total"])
         postfix = dict(loss=f"{measurements['loss']:.4f}", img_s=f"{images_per_second:.1f}")

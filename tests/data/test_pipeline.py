@@ -2,12 +2,13 @@
 
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from hdit_jax.config import base_config, hdit_model
-from hdit_jax.data import augment, sources, transforms
+from hdit_jax.data import sources, transforms
 from hdit_jax.data.pipeline import make_loader
 
 
@@ -121,36 +122,6 @@ def test_tfds_mock_source():
   assert source.num_classes == 10
 
 
-def test_augmentation_identity_and_conditioning():
-  rng = np.random.default_rng(0)
-  image = rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32)
-  same, cond = augment.augment(image, rng, 0.0)
-  np.testing.assert_array_equal(same, image)
-  np.testing.assert_array_equal(cond, np.zeros(9))
-  flips = 0
-  for seed in range(64):
-    out, cond = augment.augment(image, np.random.default_rng(seed), 1.0)
-    assert out.shape == image.shape and cond.shape == (9,)
-    if cond[0] == 1 and not cond[1:].any():
-      np.testing.assert_allclose(out, image[:, ::-1], atol=1e-5)   # a pure x-flip
-      flips += 1
-    np.testing.assert_allclose(cond[3] + 1, np.cos(np.arctan2(cond[4], cond[3] + 1)), atol=1e-6)
-  # With p = 1 every transform is on; cos/sin of the rotation lie on the unit circle.
-  out, cond = augment.augment(image, np.random.default_rng(1), 1.0)
-  assert abs((cond[3] + 1) ** 2 + cond[4] ** 2 - 1) < 1e-5
-
-
-def test_pure_flip_matches_mirror():
-  image = np.arange(2 * 5 * 1, dtype=np.float32).reshape(2, 5, 1)
-  for seed in range(200):
-    rng = np.random.default_rng(seed)
-    out, cond = augment.augment(image, rng, 1e-9)   # only the always-on x-flip can happen
-    if cond[0] == 1:
-      np.testing.assert_allclose(out, image[:, ::-1], atol=1e-4)
-      return
-  pytest.fail("no flip drawn")
-
-
 def test_pad_fit_centres_without_resampling():
   rng = np.random.default_rng(3)
   image = rng.integers(1, 256, (5, 7, 1), dtype=np.uint8)   # odd, non-square, no zero pixel
@@ -175,3 +146,45 @@ def test_pad_fit_through_the_loader():
   assert batch["image"].shape == (4, 32, 32, 1)
   np.testing.assert_array_equal(batch["image"][0, 2:30, 2:30], mnist[0]["image"])
   np.testing.assert_array_equal(batch["image"][:, :2], 0)   # a black border
+
+
+@pytest.mark.multihost
+@pytest.mark.parametrize("workers", [0, 2])
+def test_hosts_read_their_rows_of_one_global_sequence(tmp_path, monkeypatch, workers):
+  """1, 2 or 4 hosts train on the same global batches (records, order and augmentation)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.FLAGS.mark_as_parsed()   # grain's workers read absl flags
+  make_folder(tmp_path)          # 12 records: 2 epochs are 3 global batches of 8
+  config = folder_config(tmp_path, batch_size=8, augment_prob=0.5, num_workers=workers)
+
+  def global_batches(hosts):
+    per_host = []
+    for host in range(hosts):
+      monkeypatch.setattr(jax, "process_count", lambda: hosts)
+      monkeypatch.setattr(jax, "process_index", lambda: host)
+      per_host.append(list(make_loader(config, seed=7, num_epochs=2)[0]))
+    assert len({len(batches) for batches in per_host}) == 1   # every host stops together
+    return [{key: np.concatenate([batches[i][key] for batches in per_host])
+             for key in ("image", "label", "aug_cond")} for i in range(len(per_host[0]))]
+
+  one = global_batches(1)
+  # Batches past the last complete round of the workers' batches are dropped.
+  assert len(one) == (3 if workers == 0 else 2) and one[0]["image"].shape == (8, 16, 16, 3)
+  assert not np.array_equal(one[0]["label"], one[1]["label"])
+  for hosts in (2, 4):
+    for a, b in zip(one, global_batches(hosts), strict=True):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_hflip_mirrors_about_half_the_images(tmp_path):
+  make_folder(tmp_path)
+  plain = next(iter(make_loader(folder_config(tmp_path, batch_size=12), seed=2,
+                                shuffle=False)[0]))
+  flipped = next(iter(make_loader(folder_config(tmp_path, batch_size=12, hflip=True), seed=2,
+                                  shuffle=False)[0]))
+  np.testing.assert_array_equal(flipped["label"], plain["label"])
+  mirrored = [np.array_equal(f, p[:, ::-1]) for f, p in zip(flipped["image"], plain["image"])]
+  kept = [np.array_equal(f, p) for f, p in zip(flipped["image"], plain["image"])]
+  assert all(m != k for m, k in zip(mirrored, kept))   # each image one or the other
+  assert 2 <= sum(mirrored) <= 10                      # 12 fair coins

@@ -52,21 +52,24 @@ def run_steps(config, devices, steps=3):
                                mesh_lib.replicated(mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
   batch = jax.device_put(random_batch(config, 16), mesh_lib.batch_sharding(mesh))
-  losses = []
+  measured = []
   for _ in range(steps):
     state, metrics = step(state, batch, jax.random.key(3))
-    losses.append(float(metrics["loss"]))   # block every step (2-core deadlock trap)
-  return state, losses
+    # Block every step (2-core deadlock trap).
+    measured.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  return state, np.array(measured)
 
 
 def test_sharded_step_equals_single_device():
   assert jax.device_count() == 8
   config = tiny_config(data=1, fsdp=1, tensor=1)
   config.training.grad_accum_steps = 2
-  single, single_losses = run_steps(config, jax.devices()[:1])
+  single, single_measured = run_steps(config, jax.devices()[:1])
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  sharded, sharded_losses = run_steps(config, jax.devices())
-  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+  sharded, sharded_measured = run_steps(config, jax.devices())
+  # Losses and gradient norms: Adam's update is invariant to the gradient's scale, the norm is
+  # not (a missing or doubled cross-device mean shows here).
+  np.testing.assert_allclose(sharded_measured, single_measured, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   # Parameters and their Adam moments carry the intended shardings.
@@ -83,9 +86,12 @@ def test_sharded_step_equals_single_device():
 def test_gradient_accumulation_equals_large_batch():
   config = tiny_config(data=1, fsdp=1, tensor=1)
   config.model.dropout_rate = (0.0, 0.0)
-  one, _ = run_steps(config, jax.devices()[:1], steps=1)
+  one, one_measured = run_steps(config, jax.devices()[:1], steps=2)
   config.training.grad_accum_steps = 4
-  four, _ = run_steps(config, jax.devices()[:1], steps=1)
+  four, four_measured = run_steps(config, jax.devices()[:1], steps=2)
+  # The mean over microbatches, not their sum: the gradient norm tells (Adam would not).
+  np.testing.assert_allclose(four_measured, one_measured, rtol=1e-5)
+  assert one_measured[0, 1] > 0
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 

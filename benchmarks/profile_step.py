@@ -1,0 +1,150 @@
+"""Where the train step's time goes: the device kernels of a few traced steps, by total time.
+
+  PYTHONPATH=$PWD python benchmarks/profile_step.py --case imagenet256 --batch 64 \\
+      --out benchmarks/results [--steps 3] [--top 40]
+
+Builds the case as benchmarks/train_throughput.py does (the loop's jitted train step, synthetic
+data already on the device), warms up, traces `--steps` steps with jax.profiler, and reads the
+trace back (jax.profiler.ProfileData): every event on the device planes' kernel lines, grouped
+by kernel name, with its share of the device-busy time and a coarse class (matmul, attention,
+fusion, copy, collective). Writes profile_<case>_<device>.md and .json.
+"""
+
+import argparse
+import collections
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from train_throughput import case_config  # pylint: disable=wrong-import-position
+
+# By name, first match wins: cuBLAS's Hopper kernels are `nvjet_*`; cuDNN's fused attention
+# `cudnn_*sdpa*`; the neighborhood-attention kernels `na2d_*`.
+CLASSES = (("collective", ("nccl", "all-reduce", "all_reduce", "all-gather", "reduce-scatter")),
+           ("neighborhood attention", ("na2d",)),
+           ("global attention", ("sdpa", "flash", "fmha")),
+           ("matmul", ("nvjet", "gemm", "cutlass", "matmul", "xmma", "cublas")),
+           ("concatenate", ("concatenate",)),
+           ("copy", ("memcpy", "memset", "copy", "transpose")),
+           ("fusion", ("fusion", "reduce", "convert")))
+
+
+def kernel_class(name: str) -> str:
+  lowered = name.lower()
+  for label, words in CLASSES:
+    if any(w in lowered for w in words):
+      return label
+  return "other"
+
+
+def family(name: str) -> str:
+  """A kernel's name without XLA's numbering (`loop_add_fusion_12` -> `loop_add_fusion`)."""
+  return re.sub(r"(_\d+|__\d+)+$", "", name)
+
+
+def device_events(xspace_path: str):
+  """(kernel name, duration ns) of every event on the device planes' kernel (stream) lines."""
+  from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
+  data = ProfileData.from_file(xspace_path)
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      # GPU planes: one line per stream plus summary lines ("XLA Ops", "XLA Modules", ...);
+      # only the streams' kernel events are counted, once each.
+      if not line.name.lower().startswith("stream"):
+        continue
+      for event in line.events:
+        yield event.name, event.duration_ns
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--case", default="imagenet256")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--top", type=int, default=40)
+  parser.add_argument("--out", default="benchmarks/results")
+  args = parser.parse_args()
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from hdit_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from hdit_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  from hdit_jax.training.step import jit_train_step  # pylint: disable=import-outside-toplevel
+
+  config = case_config(args.case, args.batch)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices())
+  model_def, _, shardings, tx, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
+  step = jit_train_step(config, model_def, tx, mesh, shardings)
+  size, channels = int(config.data.image_size), int(config.model.input_channels)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (args.batch, size, size, channels)).astype(np.float32),
+           "label": rng.integers(0, max(int(config.model.get("num_classes", 0)), 1),
+                                 args.batch).astype(np.int32)}
+  if float(config.data.augment_prob) > 0:
+    batch["aug_cond"] = np.zeros((args.batch, 9), np.float32)
+  batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
+  key, state = jax.random.key(0), init()
+  for _ in range(3):
+    state, out = step(state, batch, key)
+  jax.block_until_ready(out)
+  trace_dir = tempfile.mkdtemp(prefix="hdit-profile-")
+  start = time.perf_counter()
+  with jax.profiler.trace(trace_dir):
+    for _ in range(args.steps):
+      state, out = step(state, batch, key)
+    jax.block_until_ready(out)
+  wall = (time.perf_counter() - start) / args.steps
+  xspace = next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
+
+  totals, counts = collections.Counter(), collections.Counter()
+  for name, duration in device_events(str(xspace)):
+    totals[name] += duration
+    counts[name] += 1
+  busy = sum(totals.values())
+  by_class, by_family = collections.Counter(), collections.Counter()
+  for name, duration in totals.items():
+    by_class[kernel_class(name)] += duration
+    by_family[family(name)] += duration
+  device = jax.devices()[0].device_kind
+  result = dict(case=args.case, batch=args.batch, steps=args.steps, device=device,
+                jax=jax.__version__, wall_ms_per_step=wall * 1e3,
+                device_busy_ms_per_step=busy / args.steps / 1e6,
+                classes={k: v / busy for k, v in by_class.most_common()} if busy else {},
+                families=[dict(name=n, ms_per_step=t / args.steps / 1e6, share=t / busy)
+                          for n, t in by_family.most_common(args.top)],
+                kernels=[dict(name=n, ms_per_step=t / args.steps / 1e6, share=t / busy,
+                              calls_per_step=counts[n] / args.steps, kind=kernel_class(n))
+                         for n, t in totals.most_common(args.top)])
+  lines = [f"# Train-step profile: {args.case}, batch {args.batch}, {device}, jax {jax.__version__}",
+           "", f"Wall {result['wall_ms_per_step']:.1f} ms per step (traced), device busy "
+           f"{result['device_busy_ms_per_step']:.1f} ms (sum of kernel times on all streams).",
+           "", "| class | share of busy time |", "|---|---|"]
+  lines += [f"| {k} | {v:.1%} |" for k, v in result["classes"].items()]
+  lines += ["", "| kernel family (XLA's numbering dropped) | ms/step | share |", "|---|---|---|"]
+  lines += [f"| `{f['name'][:90]}` | {f['ms_per_step']:.2f} | {f['share']:.1%} |"
+            for f in result["families"][:20]]
+  lines += ["", "| kernel | kind | ms/step | share | calls/step |", "|---|---|---|---|---|"]
+  lines += [f"| `{k['name'][:90]}` | {k['kind']} | {k['ms_per_step']:.2f} | {k['share']:.1%} | "
+            f"{k['calls_per_step']:.0f} |" for k in result["kernels"]]
+  text = "\n".join(lines) + "\n"
+  print(text)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = f"profile_{args.case.replace(':', '_')}_{device.replace(' ', '_')}"
+  (out / f"{stem}.md").write_text(text)
+  (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+  if busy == 0:
+    from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
+    print("no device kernel events found; the trace's planes and lines:")
+    for plane in ProfileData.from_file(str(xspace)).planes:
+      print(" ", plane.name, [line.name for line in plane.lines][:12])
+
+
+if __name__ == "__main__":
+  main()
