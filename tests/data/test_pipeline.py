@@ -105,8 +105,12 @@ def test_embedded_and_synthetic_sources():
   digits = sources.EmbeddedSource("digits")
   assert digits[0]["image"].shape == (16, 16, 1)
   synthetic = sources.SyntheticSource(8, 3, 10, length=20)
-  np.testing.assert_array_equal(synthetic[5]["image"], synthetic[5]["image"])
-  assert synthetic[5]["label"] == 5
+  # Deterministic per index (another instance draws the same record), different across indices.
+  np.testing.assert_array_equal(synthetic[5]["image"],
+                                sources.SyntheticSource(8, 3, 10)[5]["image"])
+  assert not np.array_equal(synthetic[5]["image"], synthetic[6]["image"])
+  assert synthetic[5]["image"].shape == (8, 8, 3) and synthetic[5]["image"].dtype == np.uint8
+  assert [synthetic[i]["label"] for i in (5, 13)] == [5, 3] and len(synthetic) == 20
   with pytest.raises(ValueError, match="unknown embedded"):
     sources.EmbeddedSource("cifar")
 
