@@ -3,7 +3,7 @@
   PYTHONPATH=$PWD python benchmarks/profile_step.py --case imagenet256 --batch 64 \\
       --out benchmarks/results [--steps 3] [--top 40]
 
-Builds the case as benchmarks/train_throughput.py does (the loop's jitted train step, synthetic
+Builds the case with benchmarks/train_throughput.py's prepare_case (the loop's jitted train step, synthetic
 data already on the device), warms up, traces `--steps` steps with jax.profiler, and reads the
 trace back (jax.profiler.ProfileData): every event on the device planes' kernel lines, grouped
 by kernel name, with its share of the device-busy time and a coarse class (matmul, attention,
@@ -20,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from train_throughput import case_config  # pylint: disable=wrong-import-position
+from train_throughput import prepare_case  # pylint: disable=wrong-import-position
 
 # By name, first match wins: cuBLAS's Hopper kernels are `nvjet_*`; cuDNN's fused attention
 # `cudnn_*sdpa*`; the neighborhood-attention kernels `na2d_*`.
@@ -72,24 +72,8 @@ def main():
   args = parser.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from hdit_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from hdit_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
-  from hdit_jax.training.step import jit_train_step  # pylint: disable=import-outside-toplevel
 
-  config = case_config(args.case, args.batch)
-  mesh = mesh_lib.make_mesh(config.mesh, jax.devices())
-  model_def, _, shardings, tx, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
-  step = jit_train_step(config, model_def, tx, mesh, shardings)
-  size, channels = int(config.data.image_size), int(config.model.input_channels)
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.uniform(-1, 1, (args.batch, size, size, channels)).astype(np.float32),
-           "label": rng.integers(0, max(int(config.model.get("num_classes", 0)), 1),
-                                 args.batch).astype(np.int32)}
-  if float(config.data.augment_prob) > 0:
-    batch["aug_cond"] = np.zeros((args.batch, 9), np.float32)
-  batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
-  key, state = jax.random.key(0), init()
+  _, step, state, batch, key = prepare_case(args.case, args.batch)
   for _ in range(3):
     state, out = step(state, batch, key)
   jax.block_until_ready(out)

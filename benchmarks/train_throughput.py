@@ -77,19 +77,17 @@ def case_config(case: str, batch: int):
   return config
 
 
-def measure(case: str, batch: int, steps: int, warmup: int) -> dict:
-  """One case in this process (see the module docstring)."""
+def prepare_case(case: str, batch: int):
+  """(config, jitted train step, fresh state, synthetic batch on the devices, key) of a case,
+  over every local device."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hdit_jax import flops  # pylint: disable=import-outside-toplevel
   from hdit_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from hdit_jax.training import metrics  # pylint: disable=import-outside-toplevel
   from hdit_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
   from hdit_jax.training.step import jit_train_step  # pylint: disable=import-outside-toplevel
 
   config = case_config(case, batch)
-  devices = jax.devices()
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices())
   model_def, _, shardings, tx, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
   step = jit_train_step(config, model_def, tx, mesh, shardings)
   size, channels = int(config.data.image_size), int(config.model.input_channels)
@@ -100,9 +98,21 @@ def measure(case: str, batch: int, steps: int, warmup: int) -> dict:
   if float(config.data.augment_prob) > 0:
     batch_data["aug_cond"] = np.zeros((batch, 9), np.float32)
   batch_data = jax.device_put(batch_data, mesh_lib.batch_sharding(mesh))
-  key = jax.random.key(0)
   state = init()
   jax.block_until_ready(state)
+  return config, step, state, batch_data, jax.random.key(0)
+
+
+def measure(case: str, batch: int, steps: int, warmup: int) -> dict:
+  """One case in this process (see the module docstring)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from hdit_jax import flops  # pylint: disable=import-outside-toplevel
+  from hdit_jax.training import metrics  # pylint: disable=import-outside-toplevel
+
+  config, step, state, batch_data, key = prepare_case(case, batch)
+  devices = jax.devices()
+  size = int(config.data.image_size)
   start = time.perf_counter()
   state, out = step(state, batch_data, key)
   jax.block_until_ready(out)

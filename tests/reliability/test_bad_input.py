@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# One CPU device for the short command-line runs, whose time is mostly compilation: LLVM's
-# optimisation level 0 halves it (a tiny train step: 15 s -> 7 s).
-ONE_DEVICE = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
-
 ROOT = pathlib.Path(__file__).parent.parent.parent
 TINY = ROOT / "tests" / "training" / "tiny_config.py"
+sys.path.insert(0, str(TINY.parent))
+from tiny_config import cli_xla_flags  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.bad_input
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")   # absl: I1201 20:10:30.138 ...
@@ -112,7 +110,6 @@ def _make_inputs(d: pathlib.Path) -> None:
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from hdit_jax import weights  # pylint: disable=import-outside-toplevel
   from hdit_jax.models import build_model  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, str(ROOT / "tests" / "training"))
   from test_training import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config(data=1)
   with jax.default_device(jax.devices("cpu")[0]):
@@ -150,7 +147,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
   cases = _cases(tmp_path)
   assert len(cases) >= 25
   before = _snapshot(tmp_path)
-  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE,
+  env = dict(os.environ, XLA_FLAGS=cli_xla_flags(),
              JAX_PLATFORMS="cpu")
 
   def run(case):

@@ -20,10 +20,7 @@ from hdit_jax.training.validate import ConfigError
 ROOT = pathlib.Path(__file__).parent.parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "training"))
 from test_training import tiny_config  # pylint: disable=wrong-import-position
-
-# One CPU device for the short command-line runs, whose time is mostly compilation: LLVM's
-# optimisation level 0 halves it (a tiny train step: 15 s -> 7 s).
-ONE_DEVICE = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+from tiny_config import cli_xla_flags  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.fault
 
@@ -127,7 +124,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
 
 @pytest.mark.bad_input
 def test_resuming_with_a_changed_width_is_one_line(tmp_path):
-  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE,
+  env = dict(os.environ, XLA_FLAGS=cli_xla_flags(),
              JAX_PLATFORMS="cpu")
   base = [sys.executable, "-m", "hdit_jax.main",
           f"--config={ROOT / 'tests' / 'training' / 'tiny_config.py'}", f"--workdir={tmp_path}",
@@ -196,7 +193,7 @@ trainer.train(config, {workdir!r}, jax.devices()[:1])
 
 def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE)
+  env = dict(os.environ, XLA_FLAGS=cli_xla_flags())
   script = _KILLED_MID_SAVE.format(training=str(ROOT / "tests" / "training"),
                                    workdir=str(workdir))
   killed = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,

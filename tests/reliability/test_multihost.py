@@ -25,6 +25,7 @@ ROOT = pathlib.Path(__file__).parent.parent.parent
 TINY = ROOT / "tests" / "training" / "tiny_config.py"
 sys.path.insert(0, str(ROOT / "tests" / "training"))
 from test_training import tiny_config  # pylint: disable=wrong-import-position
+from tiny_config import cli_xla_flags  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.multihost
 
@@ -41,8 +42,7 @@ def free_port() -> int:
 def on_two_hosts(workdir: pathlib.Path, *args: str) -> list[str]:
   """Runs main on 2 processes of 4 devices each; returns their stdouts."""
   port = free_port()
-  # Short runs, mostly compilation: LLVM's optimisation level 0 halves it.
-  flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+  flags = cli_xla_flags(devices=4)
   procs = []
   for rank in range(2):
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",

@@ -21,10 +21,7 @@ HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 from test_training import run_steps, tiny_config  # pylint: disable=wrong-import-position
-
-# One CPU device for the short command-line runs, whose time is mostly compilation: LLVM's
-# optimisation level 0 halves it (a tiny train step: 15 s -> 7 s).
-ONE_DEVICE = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+from tiny_config import cli_xla_flags  # pylint: disable=wrong-import-position
 
 
 def _train_command(workdir, steps):
@@ -34,7 +31,7 @@ def _train_command(workdir, steps):
 
 
 def _env():
-  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE,
+  env = dict(os.environ, XLA_FLAGS=cli_xla_flags(),
              PYTHONUNBUFFERED="1")
   return env
 
