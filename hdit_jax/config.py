@@ -139,6 +139,11 @@ def base_config() -> ml_collections.ConfigDict:
       # than this many in a row at a log step stop the run (0: any skipped step does).
       max_consecutive_nonfinite=10,
       checkpoint_ocdbt=True,           # orbax's OCDBT format (off for the GCS emulator)
+      # A failed request to GCS is retried this often (back-off 1 s .. 32 s) before the save
+      # fails; a failed save is logged and counted, and training goes on unless more than
+      # this many in a row failed (0: stop at the first). A failed last save always stops it.
+      checkpoint_retries=10,
+      max_consecutive_checkpoint_failures=2,
       profile_steps=(0, 0)))           # (first step, number of steps) to trace; 0 steps: off
 
   c.sampling = ml_collections.ConfigDict(dict(

@@ -50,7 +50,11 @@ def model_to_state_dict(model: nnx.Module, dtype: Any = np.float32) -> dict[str,
   for path, var in weights.model_arrays(model).items():
     key, transpose = _torch_key(path)
     value = np.asarray(var[...], dtype=np.float32)
-    out[key] = np.ascontiguousarray(value.T if transpose else value).astype(dtype)
+    if transpose:   # a kernel [in, *out] is PyTorch's weight [prod(out), in]
+      value = value.reshape(value.shape[0], -1).T
+    elif key.endswith(".bias"):
+      value = value.reshape(-1)
+    out[key] = np.ascontiguousarray(value).astype(dtype)
   return out
 
 

@@ -11,6 +11,7 @@ others (it is skipped on one host).
 import logging as std_logging
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -39,6 +40,8 @@ _STEP = flags.DEFINE_integer("step", None, "sample / evaluate / export: the chec
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "sample: number of images.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _PNGS = flags.DEFINE_bool("pngs", False, "sample: also write one PNG per image.")
+_STORAGE_TIMEOUT = flags.DEFINE_float("storage_timeout", 20.0, "Seconds a gs:// workdir has to "
+                                      "answer at the start before the run gives up.")
 
 
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL
@@ -85,24 +88,47 @@ def _parse_flags(argv: list[str]) -> list[str]:
                 "hdit_jax/config.py (its defaults) and take a value of the default's type.")
 
 
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's INFO lines (about a hundred per run, breaking up the progress bar)."""
-  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+def _quiet_storage_logs(record: std_logging.LogRecord) -> bool:
+  """Drops orbax's INFO lines (about a hundred per run, breaking up the progress bar) and the
+  tracebacks of orbax's and gcsfs's errors (a failed save logs hundreds of lines; the loop names
+  its reason in one)."""
+  if f"{os.sep}orbax{os.sep}" in record.pathname:
+    if record.levelno < std_logging.WARNING:
+      return False
+  elif f"{os.sep}gcsfs{os.sep}" not in record.pathname:
+    return True
+  record.exc_info, record.exc_text = None, None
+  return True
+
+
+def _ignore_callbacks_into_closed_loops(previous=sys.unraisablehook):
+  """tensorstore hands the results of requests still in flight when an orbax save fails to the
+  save's asyncio loop, closed by then; each "Event loop is closed" is reported as unraisable
+  (hundreds of tracebacks). Those, and only those (no frame outside asyncio), are dropped."""
+  def hook(unraisable):
+    frames = [frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback)]
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        and frames and all(f"{os.sep}asyncio{os.sep}" in name for name in frames)):
+      return
+    previous(unraisable)
+  sys.unraisablehook = hook
 
 
 def main(argv):
   del argv
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(_quiet_storage_logs)
+  _ignore_callbacks_into_closed_loops()
   initialize_distributed()
   logging.info("JAX %s: process %d of %d, %d devices", jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count())
   try:
+    workdir_lib.check_reachable(_WORKDIR.value, _STORAGE_TIMEOUT.value)
     _run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
     _exit_with_error(str(e))   # a mismatched checkpoint, too: the config is not the run's
-  except (trainer.TrainingHalted, ckpt_lib.CheckpointError) as e:
+  except (trainer.TrainingHalted, ckpt_lib.CheckpointError, workdir_lib.StorageUnreachable) as e:
     _exit_with_error(str(e), status=1)   # a run that cannot go on: as plainly said
 
 

@@ -33,6 +33,12 @@ def model_arrays(model: nnx.Module) -> dict[tuple[Any, ...], nnx.Variable]:
   return {path: var for path, var in nnx.to_flat_state(state)}
 
 
+def _splits_last_axis(stored: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
+  lead = len(stored) - 1
+  return (len(wanted) > len(stored) and stored[:lead] == wanted[:lead]
+          and stored[lead] == int(np.prod(wanted[lead:])))
+
+
 def copy_arrays(targets: dict[str, tuple[nnx.Variable, bool]], tensors: Mapping[str, Any],
                 mismatch: str) -> None:
   """Assign tensors[name] (transposed where asked) to each target; names and shapes must match."""
@@ -44,6 +50,10 @@ def copy_arrays(targets: dict[str, tuple[nnx.Variable, bool]], tensors: Mapping[
   for name, (var, transpose) in targets.items():
     value = np.asarray(tensors[name])
     value = value.T if transpose else value
+    if value.shape != var.shape and _splits_last_axis(value.shape, var.shape):
+      # A fused projection stored flat (PyTorch's layout, or files written before its output
+      # axes were kept apart): the same values, the last axis split.
+      value = value.reshape(var.shape)
     if value.shape != var.shape:
       raise ValueError(f"{name}: stored shape {value.shape} (in hdit-jax layout), model "
                        f"expects {var.shape}")

@@ -1,5 +1,6 @@
 """Shared test set-up: the k-diffusion reference fixtures and float32-exact matmuls."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -50,10 +51,9 @@ def kdiff() -> KDiffFixtures:
 GCS_TEST_BUCKET = "hdit-test"
 
 
-@pytest.fixture
-def gcs_bucket(monkeypatch):
-  """gs://hdit-test on a local in-memory GCS emulator, for gcsfs, tensorstore and array_record
-  (google-cloud-cpp) alike; the emulator is stopped after the test."""
+@contextlib.contextmanager
+def _gcs_emulator():
+  """A local in-memory GCS emulator holding the bucket GCS_TEST_BUCKET; yields its URL."""
   pytest.importorskip("gcsfs")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -70,16 +70,44 @@ def gcs_bucket(monkeypatch):
           break
       assert time.time() < deadline and server.poll() is None, "the GCS emulator did not start"
       time.sleep(0.1)
-    url = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)            # gcsfs
-    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)         # orbax's arrays
-    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # array_record's reader
-    # Without it gcsfs asks a gRPC API that ignores the emulator and times out.
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    yield f"gs://{GCS_TEST_BUCKET}"
+    yield f"http://127.0.0.1:{port}"
   finally:
     server.terminate()
     server.wait(timeout=30)
+
+
+def _point_gcs_clients_at(url: str, monkeypatch) -> None:
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  # A gcsfs instance (and its listings) from an earlier test would talk of another emulator.
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)            # gcsfs
+  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)         # orbax's arrays
+  monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # array_record's reader
+  # Without it gcsfs asks a gRPC API that ignores the emulator and times out.
+  monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+@pytest.fixture
+def gcs_bucket(monkeypatch):
+  """gs://hdit-test on a local in-memory GCS emulator, for gcsfs, tensorstore and array_record
+  (google-cloud-cpp) alike; the emulator is stopped after the test."""
+  with _gcs_emulator() as url:
+    _point_gcs_clients_at(url, monkeypatch)
+    yield f"gs://{GCS_TEST_BUCKET}"
+
+
+@pytest.fixture
+def faulty_gcs(monkeypatch):
+  """(gs://hdit-test, proxy): the emulator behind a proxy that injects faults on request
+  (gcs_faults.FaultyGcsProxy); every GCS client talks to the proxy."""
+  from gcs_faults import FaultyGcsProxy  # pylint: disable=import-outside-toplevel
+  with _gcs_emulator() as url:
+    proxy = FaultyGcsProxy(url)
+    _point_gcs_clients_at(proxy.url, monkeypatch)
+    try:
+      yield f"gs://{GCS_TEST_BUCKET}", proxy
+    finally:
+      proxy.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """Cosine-similarity self-attention blocks of HDiT: global, neighborhood and shifted-window.
 
 Tokens are [B, H, W, d]. Heads are split as (head, d_head) in the channel axis, and the fused
-qkv projection's outputs are ordered (q|k|v, head, d_head), as in the official code.
+qkv projection's outputs are (q|k|v, head, d_head), as in the official code, kept as three axes
+so that a tensor-parallel split divides the heads.
 """
 
 import jax
@@ -91,7 +92,8 @@ class SelfAttention(nnx.Module):
     self.shift = shift
     self.implementation = implementation
     self.norm = AdaRMSNorm(d_model, cond_features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.qkv_proj = Linear(d_model, 3 * d_model, rngs=rngs, axes=("embed", "qkv"), dtype=dtype,
+    self.qkv_proj = Linear(d_model, (3, self.n_heads, spec.d_head), rngs=rngs,
+                           axes=("embed", None, "heads", None), dtype=dtype,
                            param_dtype=param_dtype)
     self.scale = param(jnp.full((self.n_heads,), 10.0, param_dtype), ("heads",))
     self.pos_emb = AxialRoPE(spec.d_head, self.n_heads) if use_rope else None
@@ -101,7 +103,7 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, pos: jax.Array, cond: jax.Array) -> jax.Array:
     b, h, w, d = x.shape
-    qkv = self.qkv_proj(self.norm(x, cond)).reshape(b, h, w, 3, self.n_heads, self.spec.d_head)
+    qkv = self.qkv_proj(self.norm(x, cond))   # [B, H, W, 3, n_heads, d_head]
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     q, k = scale_for_cosine_sim(q, k, self.scale[...])
     if self.pos_emb is not None:

@@ -191,14 +191,15 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, **kw):
     self.num_heads = num_heads
-    self.qkv = Linear(width, 3 * width, rngs=rngs, axes=("embed", "qkv"), use_bias=True,
-                      kernel_init=_xavier, **kw)
+    self.qkv = Linear(width, (3, num_heads, width // num_heads), rngs=rngs,
+                      axes=("embed", None, "heads", None), use_bias=True, kernel_init=_xavier,
+                      **kw)
     self.proj = Linear(width, width, rngs=rngs, axes=("qkv", "embed"), use_bias=True,
                        kernel_init=_xavier, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    qkv = self.qkv(x)   # [B, N, 3, heads, head_dim]
     out = dense_attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     return self.proj(out.reshape(b, n, d))
 

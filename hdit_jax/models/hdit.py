@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hdit_jax.models import positions
+from hdit_jax.models import positions, recording
 from hdit_jax.models.attention import SelfAttention
 from hdit_jax.models.layers import (Dtype, FeedForward, FourierFeatures, Linear, MappingNetwork,
                                     RMSNorm, param)
@@ -107,13 +107,14 @@ class TransformerLayer(nnx.Module):
     return self.ff(x, cond)
 
 
-def _run_level(layers: nnx.List, x: jax.Array, pos: jax.Array, cond: jax.Array,
-               remat: bool) -> jax.Array:
+def _run_level(model: nnx.Module, layers: nnx.List, x: jax.Array, pos: jax.Array,
+               cond: jax.Array, path: str) -> jax.Array:
   for layer in layers:
-    if remat:
+    if model.remat:
       x = nnx.remat(lambda lyr, x_: lyr(x_, pos, cond))(layer, x)
     else:
       x = layer(x, pos, cond)
+  recording.note_output(model, path, x)
   return x
 
 
@@ -171,7 +172,7 @@ class HDiT(nnx.Module):
     self.patch_out = TokenSplitWithoutSkip(d0, spec.out_channels, spec.patch_size, rngs=rngs,
                                            **kw)
 
-  def conditioning(self, sigma, aug_cond=None, class_cond=None, mapping_cond=None, acts=None):
+  def conditioning(self, sigma, aug_cond=None, class_cond=None, mapping_cond=None):
     """The mapping network's output `cond` [B, m] that modulates every AdaRMSNorm."""
     batch = sigma.shape[0]
     c_noise = jnp.log(sigma.astype(jnp.float32)) / 4
@@ -192,49 +193,38 @@ class HDiT(nnx.Module):
       if mapping_cond is None:
         raise ValueError(f"this model needs mapping_cond of width {self.spec.mapping_cond_dim}")
       mapping_in = mapping_in + self.mapping_cond_in_proj(mapping_cond).astype(jnp.float32)
-    cond = self.mapping(mapping_in)
-    if acts is not None:
-      acts.update(time_emb=time_emb, aug_emb=aug_emb, mapping_in=mapping_in, cond=cond)
-    return cond
+    return self.mapping(mapping_in)
 
   def __call__(self, x: jax.Array, sigma: jax.Array, aug_cond: jax.Array | None = None,
-               class_cond: jax.Array | None = None, mapping_cond: jax.Array | None = None, *,
-               return_activations: bool = False):
+               class_cond: jax.Array | None = None, mapping_cond: jax.Array | None = None):
     if x.ndim != 4 or x.shape[-1] != self.spec.in_channels:
       raise ValueError(f"expected NHWC images with {self.spec.in_channels} channels, got shape "
                        f"{x.shape}")
     grids = self.spec.token_grids(x.shape[1], x.shape[2])
-    acts = {} if return_activations else None
-    cond = self.conditioning(sigma, aug_cond, class_cond, mapping_cond, acts)
+    cond = self.conditioning(sigma, aug_cond, class_cond, mapping_cond)
 
     x = self.patch_in(x)
     pos = positions.make_axial_pos(*grids[0])
     if self.spec.position_embedding == "sincos":
       x = x + positions.sincos_embedding_2d(pos, x.shape[-1]).astype(x.dtype)
-    if acts is not None:
-      acts["patch_in"] = x
 
     skips, poses = [], []
     for i, (level, merge) in enumerate(zip(self.down_levels, self.merges)):
-      x = _run_level(level, x, pos, cond, self.remat)
-      if acts is not None:
-        acts[f"down_levels.{i}"] = x
+      x = _run_level(self, level, x, pos, cond, f"down_levels.{i}")
       skips.append(x)
       poses.append(pos)
       x = merge(x)
       pos = positions.downscale_pos(pos)
 
-    x = _run_level(self.mid_level, x, pos, cond, self.remat)
-    if acts is not None:
-      acts["mid_level"] = x
+    x = _run_level(self, self.mid_level, x, pos, cond, "mid_level")
 
-    for level, split, skip, pos in reversed(list(zip(self.up_levels, self.splits, skips, poses))):
+    ups = list(zip(range(len(self.up_levels)), self.up_levels, self.splits, skips, poses))
+    for i, level, split, skip, pos in reversed(ups):
       x = split(x, skip)
-      x = _run_level(level, x, pos, cond, self.remat)
+      x = _run_level(self, level, x, pos, cond, f"up_levels.{i}")
 
     x = self.out_norm(x)
-    out = self.patch_out(x).astype(jnp.float32)
-    return (out, acts) if return_activations else out
+    return self.patch_out(x).astype(jnp.float32)
 
 
 class Embedding(nnx.Module):

@@ -35,26 +35,38 @@ def torch_linear_init(key: jax.Array, in_features: int, out_features: int,
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias). Computes in `dtype`; the kernel is stored in `param_dtype`.
 
-  `zero_init` zero-initialises the kernel (HDiT's residual outputs, AdaRMSNorm modulations).
+  `out_features` may be a shape: the kernel is then [in, *out] and y [..., *out], the same
+  matrix as PyTorch's [prod(out), in] weight, with axes of its own, so that a fused projection
+  (qkv as (3, heads, d_head), GEGLU as (value|gate, d_ff)) is split between devices by heads or
+  hidden units, never through the middle of a q/k/v or value/gate pair. `axes` names the
+  kernel's axes. `zero_init` zero-initialises the kernel (HDiT's residual outputs, AdaRMSNorm
+  modulations).
   """
 
-  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-               axes: tuple[str | None, str | None] = (None, None), tags: Sequence[str] = ("wd",),
+  def __init__(self, in_features: int, out_features: int | Sequence[int], *, rngs: nnx.Rngs,
+               axes: Sequence[str | None] = (None, None), tags: Sequence[str] = ("wd",),
                zero_init: bool = False, use_bias: bool = False,
                kernel_init: Callable[..., jax.Array] | None = None,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+    out_shape = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+    if len(axes) != 1 + len(out_shape):
+      raise ValueError(f"Linear: {len(axes)} axis names for a kernel of shape "
+                       f"{(in_features,) + out_shape}")
+    flat = math.prod(out_shape)
     if zero_init:
-      kernel = jnp.zeros((in_features, out_features), param_dtype)
+      kernel = jnp.zeros((in_features, flat), param_dtype)
     elif kernel_init is not None:
-      kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+      kernel = kernel_init(rngs.params(), (in_features, flat), param_dtype)
     else:
-      kernel = torch_linear_init(rngs.params(), in_features, out_features, param_dtype)
-    self.kernel = param(kernel, axes, tags)
-    self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:], ()) if use_bias else None
+      kernel = torch_linear_init(rngs.params(), in_features, flat, param_dtype)
+    self.kernel = param(kernel.reshape((in_features,) + out_shape), axes, tags)
+    self.bias = (param(jnp.zeros(out_shape, param_dtype), tuple(axes[1:]), ())
+                 if use_bias else None)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    kernel = self.kernel[...].astype(self.dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -112,8 +124,8 @@ class FourierFeatures(nnx.Module):
 
 
 def geglu(x: jax.Array) -> jax.Array:
-  """First half is the value, second half the gate: value * GELU(gate), exact (erf) GELU."""
-  value, gate = jnp.split(x, 2, axis=-1)
+  """x: [..., 2, d_ff], the value then the gate: value * GELU(gate), exact (erf) GELU."""
+  value, gate = x[..., 0, :], x[..., 1, :]
   return value * jax.nn.gelu(gate, approximate=False)
 
 
@@ -137,9 +149,11 @@ class FeedForward(nnx.Module):
     else:
       self.norm = AdaRMSNorm(d_model, cond_features, rngs=rngs, dtype=dtype,
                              param_dtype=param_dtype)
-    up_width = 2 * d_ff if activation == "geglu" else d_ff
     embed = "mapping" if mapping else "embed"
-    self.up_proj = Linear(d_model, up_width, rngs=rngs, axes=(embed, "mlp"), tags=tags,
+    # GEGLU's up projection is (value|gate, d_ff): PyTorch's 2*d_ff outputs, value half first.
+    up_shape, up_axes = (((2, d_ff), (embed, None, "mlp")) if activation == "geglu"
+                         else (d_ff, (embed, "mlp")))
+    self.up_proj = Linear(d_model, up_shape, rngs=rngs, axes=up_axes, tags=tags,
                           dtype=dtype, param_dtype=param_dtype)
     # Only a layer that drops anything holds an RNG stream (the step reseeds it).
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)

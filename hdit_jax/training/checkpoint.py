@@ -1,14 +1,20 @@
 """Orbax checkpoints of the train state and the data iterator, local or on gs://.
 
-Saves are asynchronous; orbax commits a step only once it is complete, so a crash or
-preemption mid-save leaves the last good checkpoint as the latest. Keeps the last
-`keep` steps plus every multiple of `keep_every`.
+Saves are asynchronous; orbax commits a step only once it is complete, so a crash,
+preemption or storage failure mid-save leaves the last good checkpoint as the latest, and
+the uncommitted remains are removed when the directory is next opened. A save that fails
+(tensorstore retries each request `retries` times first) is reported by `finished()`, not
+raised: the loop decides whether to go on. Keeps the last `keep` steps plus every multiple
+of `keep_every`.
 """
 
+import logging as std_logging
+import math
+import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -52,6 +58,13 @@ def _check_same_model(saved: dict[str, tuple[int, ...]], abstract_state: Any, st
     return
   more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
   what = "; ".join(changed[:3]) + more
+  reshaped = [k for k in saved.keys() & built if saved[k] != built[k]
+               and len(saved[k]) < len(built[k]) and math.prod(saved[k]) == math.prod(built[k])]
+  if reshaped and len(reshaped) == len(changed):
+    raise ConfigError(
+        f"the checkpoint at step {step} in {directory} was written by an earlier hdit-jax, whose "
+        f"fused projections were flat ({what}). Export its EMA weights with that version "
+        "(--mode=export; this version loads them), or train in a new workdir.")
   if any(c.startswith("params.") for c in changed):
     raise ConfigError(
         f"the checkpoint at step {step} in {directory} is of another model than this config "
@@ -103,6 +116,36 @@ def _reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
+class _LastOrbaxError(std_logging.Handler):
+  """The last error that orbax logged: some failures of a background save are only logged
+  (the step is then left uncommitted), not raised."""
+
+  def __init__(self):
+    super().__init__(std_logging.ERROR)
+    self.reason: str | None = None
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+      error = record.exc_info[1] if record.exc_info else None
+      self.reason = _reason(error) if error is not None else record.getMessage()[:300]
+
+
+class SaveOutcome(NamedTuple):
+  step: int
+  error: str | None   # None: committed
+
+
+def set_storage_retries(retries: int) -> None:
+  """How often tensorstore retries a failed request to GCS (exponential back-off from 1 s to
+  32 s between tries; tensorstore's default is 32) before the array write, and so the save,
+  fails. Orbax builds its tensorstore context from these module defaults and offers no
+  other hook."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
+  for context in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
+                  tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
+    context["gcs_request_retries"] = {"max_retries": int(retries)}
+
+
 class Checkpointer:
   """Saves the steps it is given and restores the latest complete one, onto any mesh.
 
@@ -111,11 +154,17 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int, keep_every: int | None = None,
-               asynchronous: bool = True, use_ocdbt: bool = True, create: bool = True):
+               asynchronous: bool = True, use_ocdbt: bool = True, create: bool = True,
+               retries: int | None = None):
+    if retries is not None:
+      set_storage_retries(retries)
     options = ocp.CheckpointManagerOptions(
         # The loop decides when to save; orbax keeps and deletes.
         save_interval_steps=1, max_to_keep=keep, keep_period=keep_every or None,
-        enable_async_checkpointing=asynchronous, create=create)
+        enable_async_checkpointing=asynchronous, create=create,
+        # Remains of saves that never committed (a crash, a storage failure): a step directory
+        # without its commit marker on gs://, a temporary directory locally.
+        cleanup_tmp_directories=create)
     try:
       self.manager = ocp.CheckpointManager(
           directory, options=options,
@@ -126,18 +175,64 @@ class Checkpointer:
       raise OSError(f"cannot open the checkpoint directory {directory}: "
                     f"{type(e).__name__}: {e}") from e
     self.directory = directory
+    self._in_flight: int | None = None   # the step being saved in the background
+    self._outcomes: list[SaveOutcome] = []
+    # On absl's logger, ahead of the handlers that print (and may shorten) its records.
+    self._orbax_errors = _LastOrbaxError()
+    std_logging.getLogger("absl").addHandler(self._orbax_errors)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator: Any) -> bool:
+    """Start saving `step` (after the previous save has ended); False if it is saved already."""
+    self._settle(block=True)
     if self.manager.latest_step() == step:
       return False
     args = {"state": ocp.args.StandardSave(state),
             "fingerprint": ocp.args.JsonSave(fingerprint(state))}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    self._orbax_errors.reason = None
+    try:
+      started = self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      # Its start failed (the directory could not be made, storage unreachable).
+      self.manager.reload()
+      self._outcomes.append(SaveOutcome(step, _reason(e)))
+      return False
+    if started:
+      self._in_flight = step
+    return started
+
+  def finished(self, block: bool = False) -> list[SaveOutcome]:
+    """The saves that have ended since the last call, committed or failed; with `block`, after
+    waiting for the one in flight. The same on every process (call it on all at once)."""
+    self._settle(block)
+    outcomes, self._outcomes = self._outcomes, []
+    return outcomes
+
+  def _settle(self, block: bool) -> None:
+    if self._in_flight is None:
+      return
+    if not block and not _on_every_process(not self.manager.is_saving_in_progress()):
+      return
+    step, self._in_flight = self._in_flight, None
+    error = None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = _reason(e)
+    # What storage holds, not the in-memory list (which dropped the steps this save replaces,
+    # and keeps a step whose failure orbax only logged).
+    self.manager.reload()
+    if error is None and step not in self.manager.all_steps():
+      error = (self._orbax_errors.reason or "orbax ended the save without committing it") + \
+          " (the step was not committed)"
+    if not _on_every_process(error is None):
+      self._outcomes.append(SaveOutcome(step, error or "it failed on another host"))
+    else:
+      self._outcomes.append(SaveOutcome(step, None))
 
   def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
     """Restore into `abstract_state`'s shapes and shardings (any mesh); the iterator in place."""
@@ -225,10 +320,16 @@ class Checkpointer:
     return _shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Wait for the save in flight; its outcome is kept for `finished()`."""
+    self._settle(block=True)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Wait for the save in flight and close; a failure not collected is logged."""
+    for outcome in self.finished(block=True):
+      if outcome.error:
+        logging.error("checkpoint step %d in %s was not saved: %s", outcome.step,
+                      self.directory, outcome.error)
+    std_logging.getLogger("absl").removeHandler(self._orbax_errors)
     self.manager.close()
 
 

@@ -51,7 +51,7 @@ class MetricWriter:
 
   For a remote workdir (gs://) the files are written locally and copied up, at most every
   `upload_every` seconds and at evaluations and the end; only files that changed since their
-  last upload are copied. A TensorBoard event file is closed and a new one begun once it holds
+  last upload are copied, and a copy that fails is logged and made again at the next upload. A TensorBoard event file is closed and a new one begun once it holds
   `rotate_bytes`, so a long run's events (sample grids included) are copied up about once, not
   at every flush. An existing `metrics.jsonl` and `eval.jsonl` in the workdir are continued,
   on gs:// as locally.
@@ -158,9 +158,15 @@ class MetricWriter:
         if not stat.st_size or self._uploaded.get(local) == (stat.st_size, stat.st_mtime_ns):
           continue   # empty (an event file just begun) or sent as it is
         target = epath.Path(self._remote) / os.path.relpath(local, self._local)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(local, "rb") as f:
-          target.write_bytes(f.read())
+        try:
+          target.parent.mkdir(parents=True, exist_ok=True)
+          with open(local, "rb") as f:
+            target.write_bytes(f.read())
+        except Exception as e:  # pylint: disable=broad-except
+          # Storage trouble never stops training: the file is kept locally and sent next time.
+          logging.warning("could not copy %s to %s (%s: %s); it is tried again at the next "
+                          "upload", local, target, type(e).__name__, str(e).splitlines()[:1])
+          continue
         self._uploaded[local] = (stat.st_size, stat.st_mtime_ns)
 
   def close(self) -> None:

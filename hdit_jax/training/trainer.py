@@ -30,7 +30,42 @@ from hdit_jax.training.workdir import checkpoint_dir
 
 
 class TrainingHalted(RuntimeError):
-  """The run cannot go on (too many non-finite steps in a row); its last checkpoint is intact."""
+  """The run cannot go on (too many non-finite steps or failed checkpoint saves in a row); its
+  last complete checkpoint is intact."""
+
+
+class SaveFailures:
+  """Counts failed checkpoint saves and stops the run after more than `limit` in a row."""
+
+  def __init__(self, checkpointer: ckpt_lib.Checkpointer, limit: int):
+    self.checkpointer, self.limit = checkpointer, limit
+    self.total = self.in_a_row = 0
+
+  def account(self, outcomes: list[ckpt_lib.SaveOutcome], final_step: int | None = None) -> None:
+    """`final_step`: the run ends (or is preempted) with this step's save, so its failure stops
+    it whatever the limit."""
+    for outcome in outcomes:
+      final = outcome.step == final_step
+      if outcome.error is None:
+        self.in_a_row = 0
+        continue
+      self.total += 1
+      self.in_a_row += 1
+      latest = self.checkpointer.latest_step()
+      newest = (f"the newest complete checkpoint, step {latest}, is intact" if latest is not None
+                else "no checkpoint is complete yet")
+      if final or self.in_a_row > self.limit:
+        why = ("it was the run's last" if final else
+               f"{self.in_a_row} saves in a row failed (more than "
+               f"training.max_consecutive_checkpoint_failures = {self.limit})")
+        raise TrainingHalted(
+            f"checkpoint step {outcome.step} could not be saved to {self.checkpointer.directory}"
+            f" ({outcome.error}) and {why}; {newest}. Check the storage, then run again to "
+            "resume from it.")
+      logging.warning("checkpoint step %d could not be saved to %s (%s); %s, and training goes "
+                      "on (%d saves failed in a row, at most %d allowed)", outcome.step,
+                      self.checkpointer.directory, outcome.error, newest, self.in_a_row,
+                      self.limit)
 
 
 def _sum_over_hosts(value: int) -> int:
@@ -70,7 +105,9 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   training = config.training
   checkpointer = ckpt_lib.Checkpointer(
       checkpoint_dir(workdir), keep=training.keep_checkpoints,
-      keep_every=training.keep_every, use_ocdbt=training.checkpoint_ocdbt)
+      keep_every=training.keep_every, use_ocdbt=training.checkpoint_ocdbt,
+      retries=training.checkpoint_retries)
+  save_failures = SaveFailures(checkpointer, int(training.max_consecutive_checkpoint_failures))
   latest = checkpointer.latest_step()
   if latest is not None and latest > training.num_steps:
     checkpointer.close()
@@ -134,6 +171,8 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
           measurements["mfu"] = tflops * 1e12 / peak
         replaced = _sum_over_hosts(replaced_here)
         measurements["data_unreadable_total"] = replaced
+        save_failures.account(checkpointer.finished())
+        measurements["checkpoint_failures_total"] = save_failures.total
         measurements.update(metrics_lib.host_measurements())
         writer.scalars(step, measurements)
         skips = int(measurements["nonfinite_total"])
@@ -182,10 +221,14 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
         jax.block_until_ready(state)
         last_time, last_step = time.perf_counter(), step
       preempted = watcher.preempted(step)
-      if step % training.checkpoint_every == 0 or step == training.num_steps or preempted:
+      final = step == training.num_steps or preempted
+      if step % training.checkpoint_every == 0 or final:
+        # The previous save's outcome first: a halt then leaves no save in flight.
+        save_failures.account(checkpointer.finished(block=True))
         checkpointer.save(step, state, data_iterator)
+        if final:
+          save_failures.account(checkpointer.finished(block=True), final_step=step)
       if preempted:
-        checkpointer.wait()
         logging.warning("preempted at step %d: checkpoint saved, exiting", step)
         return state
     export_ema(config, model_def, state, ema_path(workdir, step),
@@ -211,7 +254,12 @@ def write_samples(config: Any, model: Any, mesh: jax.sharding.Mesh, step: int, w
       batch_axes=mesh_lib.BATCH_AXES, progress=False)
   if jax.process_index() == 0:
     columns = num_classes if 0 < num_classes <= 16 else None
-    picture = files.write_grid(images, labels if num_classes else None,
-                               os.path.join(workdir, "samples", f"samples_{step:08d}.png"),
-                               columns)
+    path = os.path.join(workdir, "samples", f"samples_{step:08d}.png")
+    try:
+      picture = files.write_grid(images, labels if num_classes else None, path, columns)
+    except Exception as e:  # pylint: disable=broad-except
+      # A sample grid is worth a warning, not the run.
+      logging.warning("could not write the sample grid %s (%s: %s); training goes on", path,
+                      type(e).__name__, str(e).splitlines()[:1])
+      return
     writer.image(step, "samples", picture)

@@ -104,6 +104,9 @@ def _validate(config: Any, num_devices: int, num_processes: int) -> None:
     raise ValueError("data.read_threads and data.prefetch_buffer must be >= 1")
   if int(config.training.num_steps) < 1:
     raise ValueError("training.num_steps must be >= 1")
+  for key in ("checkpoint_retries", "max_consecutive_checkpoint_failures"):
+    if int(config.training[key]) < 0:
+      raise ValueError(f"training.{key} must be >= 0, got {config.training[key]}")
   if int(config.training.max_consecutive_nonfinite) < 0:
     raise ValueError("training.max_consecutive_nonfinite must be >= 0 (0: stop at the first "
                      "non-finite step)")

@@ -1,6 +1,9 @@
-"""A training workdir's latest (or a given) checkpoint, restored as the EMA model on the mesh."""
+"""A training workdir: whether its storage answers, and its latest (or a given) checkpoint,
+restored as the EMA model on the mesh."""
 
+import logging as std_logging
 import os
+import threading
 from typing import Any, NamedTuple
 
 from etils import epath
@@ -18,6 +21,60 @@ class Restored(NamedTuple):
   state: state_lib.TrainState
   step: int
   mesh: Mesh
+
+
+class StorageUnreachable(OSError):
+  """A remote workdir's storage does not answer."""
+
+
+class _LastMessage(std_logging.Handler):
+  def __init__(self):
+    super().__init__(std_logging.DEBUG)
+    self.message = ""
+
+  def emit(self, record):
+    self.message = record.getMessage()
+
+
+def check_reachable(workdir: str, timeout_s: float) -> None:
+  """For a remote workdir (gs://), fail within `timeout_s` if its storage does not answer,
+  naming the last error; the storage clients would otherwise retry for about a minute per
+  request (gcsfs: 6 tries, 1 s to 32 s apart) before the first error is seen."""
+  if "://" not in workdir:
+    return
+  result: dict[str, Any] = {}
+
+  def probe():
+    try:
+      result["exists"] = epath.Path(workdir).exists()
+    except Exception as e:  # pylint: disable=broad-except
+      result["error"] = e
+
+  gcsfs_log = std_logging.getLogger("gcsfs")
+  retries = _LastMessage()   # gcsfs tells each retried error at DEBUG level
+  level, propagate = gcsfs_log.level, gcsfs_log.propagate
+  gcsfs_log.addHandler(retries)
+  gcsfs_log.setLevel(std_logging.DEBUG)
+  gcsfs_log.propagate = False
+  try:
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+  finally:
+    gcsfs_log.removeHandler(retries)
+    gcsfs_log.setLevel(level)
+    gcsfs_log.propagate = propagate
+  if "error" in result:
+    error = result["error"]
+    raise StorageUnreachable(f"the workdir {workdir} cannot be reached: {type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:300] if str(error) else ''}. Check "
+                             "the bucket's name, the network and the credentials "
+                             "(gcloud auth application-default login)")
+  if "exists" not in result:
+    last = f" (last error: {retries.message[:300]})" if retries.message else ""
+    raise StorageUnreachable(f"the workdir {workdir} did not answer within {timeout_s:g} s{last}. "
+                             "Check the bucket's name, the network and the credentials, or "
+                             "allow longer with --storage_timeout")
 
 
 def checkpoint_dir(workdir: str) -> str:

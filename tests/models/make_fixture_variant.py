@@ -23,6 +23,7 @@ from hdit_jax import convert
 from hdit_jax.diffusion import losses
 from hdit_jax.diffusion.preconditioning import denoise, edm_scalings
 from hdit_jax.models import build_model
+from hdit_jax.models.recording import record_activations
 from hdit_jax.models.spec import config_from_kdiffusion
 
 DEFAULT = pathlib.Path(__file__).parent.parent / "fixtures" / "kdiff_hdit"
@@ -85,16 +86,20 @@ def main(out: pathlib.Path) -> None:
   nchw = lambda t: np.transpose(np.asarray(t), (0, 3, 1, 2)).astype(np.float32)
   sig64 = jnp.asarray(sigma, jnp.float64)
   c_skip, c_out, c_in = edm_scalings(sig64, SIGMA_DATA)
-  inner, acts = f64(nhwc(x) * c_in[:, None, None, None], sig64, aug_cond=jnp.asarray(aug, jnp.float64),
-                    return_activations=True)
+  with record_activations(f64) as acts:
+    inner = f64(nhwc(x) * c_in[:, None, None, None], sig64, aug_cond=jnp.asarray(aug, jnp.float64))
   io = {"input.x0": x0, "input.noise": noise, "input.sigma": sigma, "input.x": x,
         "input.aug_cond": aug, "c_skip": c_skip, "c_out": c_out, "c_in": c_in,
         "inner_output": nchw(inner),
         "denoised": nchw(denoise(f64, nhwc(x), sig64, SIGMA_DATA, aug_cond=jnp.asarray(aug, jnp.float64))),
-        "act.time_emb": acts["time_emb"], "act.aug_emb": acts["aug_emb"],
-        "act.mapping_in": acts["mapping_in"], "act.cond": acts["cond"],
-        "act.patch_in_s0": acts["patch_in"][0], "act.down0_s0": acts["down_levels.0"][0],
-        "act.mid": acts["mid_level"]}
+        "act.time_emb": acts["time_emb"].output, "act.aug_emb": acts["aug_emb"].output,
+        "act.mapping_in": acts["mapping"].input, "act.cond": acts["mapping"].output,
+        "act.patch_in_s0": acts["patch_in"].output[0],
+        "act.down0_s0": acts["down_levels.0"].output[0], "act.mid": acts["mid_level"].output,
+        # Modules that the official fixture does not record: any module path compares.
+        "act.attn000_s1": acts["down_levels.0.0.self_attn"].output[1],
+        "act.merge0_in": acts["merges.0"].input, "act.up0": acts["up_levels.0"].output,
+        "act.out_norm": acts["out_norm"].output}
   for key, wrapper, weighting, scales in LOSSES:
     cond = dict(aug_cond=jnp.asarray(aug, jnp.float64))
     if wrapper == "SimpleLossDenoiser":
@@ -116,7 +121,14 @@ def main(out: pathlib.Path) -> None:
       {"key": "act.cond", "module": "mapping", "hook": "forward output", "batch_index": None},
       {"key": "act.patch_in_s0", "module": "patch_in", "hook": "forward output", "batch_index": 0},
       {"key": "act.down0_s0", "module": "down_levels.0", "hook": "forward output", "batch_index": 0},
-      {"key": "act.mid", "module": "mid_level", "hook": "forward output", "batch_index": None}]
+      {"key": "act.mid", "module": "mid_level", "hook": "forward output", "batch_index": None},
+      {"key": "act.attn000_s1", "module": "down_levels.0.0.self_attn", "hook": "forward output",
+       "batch_index": 1},
+      {"key": "act.merge0_in", "module": "merges.0", "hook": "forward input[0]",
+       "batch_index": None},
+      {"key": "act.up0", "module": "up_levels.0", "hook": "forward output", "batch_index": None},
+      {"key": "act.out_norm", "module": "out_norm", "hook": "forward output",
+       "batch_index": None}]
   config = {
       "set": "A (variant written by hdit-jax in float64)",
       "kdiffusion_config": KDIFF_CONFIG,

@@ -189,7 +189,7 @@ def test_timestep_embedding_cos_first():
 
 def test_param_metadata():
   model = make()
-  assert model.blocks[0].attn.qkv.kernel.out_sharding == ("embed", "qkv")
+  assert model.blocks[0].attn.qkv.kernel.out_sharding == ("embed", None, "heads", None)
   assert model.blocks[0].mlp.fc1.kernel.out_sharding == ("embed", "mlp")
   assert model.blocks[0].attn.qkv.kernel.tags == ("wd",)
   assert model.blocks[0].attn.qkv.bias.tags == ()

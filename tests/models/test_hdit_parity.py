@@ -11,6 +11,7 @@ from flax import nnx
 from conftest import rel_l2
 from hdit_jax import convert, weights
 from hdit_jax.diffusion.preconditioning import denoise, edm_scalings
+from hdit_jax.models.recording import record_activations
 
 pytestmark = pytest.mark.parity
 
@@ -85,21 +86,25 @@ def test_scalings(reference):
     assert rel_l2(got, io[name]) <= 1e-6, name
 
 
-def _activation_name(entry):
-  module, hook = entry["module"], entry["hook"]
-  if module == "mapping":
-    return "mapping_in" if hook.startswith("forward input") else "cond"
-  return module
+def _recorded(acts, entry):
+  """The value a forward hook on the official module `entry["module"]` saw."""
+  record, hook = acts[entry["module"]], entry["hook"]
+  if hook == "forward output":
+    return record.output
+  if hook == "forward input[0]":
+    return record.input
+  raise ValueError(f"unknown hook {hook!r} in the fixture's activations")
 
 
 def test_activations(reference):
   config, io, model, _ = reference
   _, _, c_in = edm_scalings(io["input.sigma"], sigma_data(config))
   x = nchw_to_nhwc(io["input.x"]) * c_in[:, None, None, None]
-  _, acts = model(x, io["input.sigma"], **conditioning(io), return_activations=True)
+  with record_activations(model) as acts:
+    model(x, io["input.sigma"], **conditioning(io))
   checked = 0
   for entry in config["activations"]:
-    got = np.asarray(acts[_activation_name(entry)])
+    got = np.asarray(_recorded(acts, entry))
     if entry.get("batch_index") is not None:
       got = got[entry["batch_index"]]
     ref = io[entry["key"]]

@@ -231,3 +231,15 @@ def test_resuming_with_another_input_pipeline_is_named_not_taken_for_damage(tmp_
                      match=r"step 2 .* another input pipeline \(Worker count .*data.num_workers"):
     trainer.train(config, str(tmp_path), jax.devices()[:1])
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]   # not set aside
+
+
+def test_a_checkpoint_with_flat_fused_projections_is_named_as_an_earlier_version():
+  from hdit_jax.training.validate import ConfigError  # pylint: disable=import-outside-toplevel
+  built = {"params": {"qkv_proj": {"kernel": jax.ShapeDtypeStruct((16, 3, 2, 8), "float32")},
+                      "norm": {"scale": jax.ShapeDtypeStruct((16,), "float32")}}}
+  flat = {"params.qkv_proj.kernel": (16, 48), "params.norm.scale": (16,)}
+  with pytest.raises(ConfigError, match="earlier hdit-jax, whose fused projections were flat"):
+    ckpt_lib._check_same_model(flat, built, 4, "/ckpt")  # pylint: disable=protected-access
+  other = {"params.qkv_proj.kernel": (16, 40), "params.norm.scale": (16,)}
+  with pytest.raises(ConfigError, match="of another model than this config builds"):
+    ckpt_lib._check_same_model(other, built, 4, "/ckpt")  # pylint: disable=protected-access

@@ -74,13 +74,41 @@ def test_sharded_step_equals_single_device():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   # Parameters and their Adam moments carry the intended shardings.
   kernel = sharded.params["down_levels"][0][0]["ff"]["up_proj"]["kernel"][...]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
   ema = sharded.ema["down_levels"][0][0]["ff"]["up_proj"]["kernel"][...]
   assert ema.sharding.spec == kernel.sharding.spec
   moments = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(sharded.opt_state)[0]
              if "up_proj" in jax.tree_util.keystr(path) and "down_levels" in
-             jax.tree_util.keystr(path) and leaf.ndim == 2]
+             jax.tree_util.keystr(path) and leaf.ndim == 3]
   assert moments and all(m.sharding.spec == kernel.sharding.spec for m in moments)
+
+
+def test_a_tensor_split_keeps_heads_and_geglu_pairs_whole():
+  """With mesh.tensor = 2 a device holds the q, k and v of its heads (the official weight's
+  rows h*d_head.. in each third) and the value and gate of its hidden units, for every level."""
+  from hdit_jax import convert  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data=2, fsdp=2, tensor=2)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices())
+  model_def, _, _, _, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
+  state = init()
+  torch = convert.model_to_state_dict(model_def.merge(state.params, state.buffers))
+  checked = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+    name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    name = name.removesuffix(".value")
+    if not name.endswith(("qkv_proj.kernel", "up_proj.kernel")) or "mapping" in name:
+      continue
+    weight = torch[name.replace(".kernel", ".weight")]   # [out, in]
+    d_in = leaf.shape[0]
+    whole = weight.T.reshape((d_in,) + leaf.shape[1:])   # [in, 3|2, (heads, d_head)|d_ff]
+    assert leaf.sharding.spec[1] is None, name   # q|k|v or value|gate never split
+    for shard in leaf.addressable_shards:
+      split = shard.index[2]
+      width = leaf.shape[2] // 2
+      assert split.stop - split.start == width, (name, shard.index)   # half the heads / units
+      np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index[0], :, split])
+    checked += 1
+  assert checked == 2 * 4   # qkv and GEGLU in 4 levels (down 2, up 1 and the middle)
 
 
 def test_gradient_accumulation_equals_large_batch():
