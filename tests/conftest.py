@@ -78,8 +78,11 @@ def _gcs_emulator():
 
 def _point_gcs_clients_at(url: str, monkeypatch) -> None:
   import gcsfs  # pylint: disable=import-outside-toplevel
-  # A gcsfs instance (and its listings) from an earlier test would talk of another emulator.
+  from etils.epath import backend  # pylint: disable=import-outside-toplevel
+  # A gcsfs instance (and its listings) from an earlier test would talk of another emulator:
+  # fsspec caches instances, and etils caches the one it took.
   gcsfs.GCSFileSystem.clear_instance_cache()
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)            # gcsfs
   monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)         # orbax's arrays
   monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # array_record's reader
@@ -107,7 +110,7 @@ def faulty_gcs(monkeypatch):
     try:
       yield f"gs://{GCS_TEST_BUCKET}", proxy
     finally:
-      proxy.stop()
+      proxy.close()
 
 
 @pytest.fixture(autouse=True)

@@ -65,6 +65,8 @@ class FaultyGcsProxy:
     self.url = f"http://127.0.0.1:{self.port}"
     self._server = None
     self._connections: set[socket.socket] = set()
+    self._timers: list[threading.Timer] = []
+    self._closed = False
     self.start()
 
   def fail(self, matches: Callable[[Request], bool], *, how: str = "error", status: int = 503,
@@ -124,7 +126,7 @@ class FaultyGcsProxy:
         if fault is not None and fault.how == "outage":
           proxy._log(request, "outage")
           proxy.stop()
-          threading.Timer(fault.seconds, proxy.start).start()
+          proxy._restart_after(fault.seconds)
           return
         if fault is not None and fault.how == "drop":
           proxy._log(request, "dropped")
@@ -165,8 +167,27 @@ class FaultyGcsProxy:
       do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _handle
 
     server = _Server(("127.0.0.1", self.port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A short poll: stop() returns within 50 ms, so an outage lasts what was asked.
+    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05),
+                     daemon=True).start()
     self._server = server
+
+  def _restart_after(self, seconds: float) -> None:
+    timer = threading.Timer(seconds, self.start)
+    with self._lock:
+      if self._closed:
+        return
+      self._timers.append(timer)
+    timer.start()
+
+  def close(self) -> None:
+    """For good: pending restarts are cancelled."""
+    with self._lock:
+      self._closed = True
+      timers = list(self._timers)
+    for timer in timers:
+      timer.cancel()
+    self.stop()
 
   def stop(self) -> None:
     """An outage: nothing listens on the port (connections are refused) and open ones are cut,

@@ -8,7 +8,8 @@ Paths are the modules' state paths, which are also the official code's module na
 conversion is a rename), so a reference recorded by hooks on any official module compares with
 the same key here. `input` is a call's first positional argument. A transformer level (a list of
 layers, run by the model) is recorded under its path with its output only. Eager calls only:
-under `jit` the records would be tracers.
+under `jit` the records would be tracers; with `model.remat` the layers run as copies, and only
+the levels' outputs and the modules outside the levels are recorded. One recording at a time.
 """
 
 import contextlib

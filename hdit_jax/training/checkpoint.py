@@ -194,12 +194,18 @@ class Checkpointer:
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self._orbax_errors.reason = None
+    error = None
     try:
       started = self.manager.save(step, args=ocp.args.Composite(**args), force=True)
     except Exception as e:  # pylint: disable=broad-except
       # Its start failed (the directory could not be made, storage unreachable).
-      self.manager.reload()
-      self._outcomes.append(SaveOutcome(step, _reason(e)))
+      started, error = False, _reason(e)
+    # Every process takes the same view, so that later collectives pair up.
+    if not _on_every_process(error is None):
+      self._reload()
+      self._outcomes.append(SaveOutcome(step, error or "its start failed on another host"))
+      if started:   # begun here, failed elsewhere: let it end, it is not counted as saved
+        self._quietly_wait()
       return False
     if started:
       self._in_flight = step
@@ -212,27 +218,42 @@ class Checkpointer:
     outcomes, self._outcomes = self._outcomes, []
     return outcomes
 
+  def _reload(self) -> str | None:
+    """Read the steps from storage again; the reason if storage cannot be listed."""
+    try:
+      self.manager.reload()
+      return None
+    except Exception as e:  # pylint: disable=broad-except
+      return f"its directory cannot be listed ({_reason(e)})"
+
+  def _quietly_wait(self) -> str | None:
+    try:
+      self.manager.wait_until_finished()
+      return None
+    except Exception as e:  # pylint: disable=broad-except
+      return _reason(e)
+
   def _settle(self, block: bool) -> None:
     if self._in_flight is None:
       return
     if not block and not _on_every_process(not self.manager.is_saving_in_progress()):
       return
     step, self._in_flight = self._in_flight, None
-    error = None
-    try:
-      self.manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      error = _reason(e)
-    # What storage holds, not the in-memory list (which dropped the steps this save replaces,
-    # and keeps a step whose failure orbax only logged).
-    self.manager.reload()
-    if error is None and step not in self.manager.all_steps():
-      error = (self._orbax_errors.reason or "orbax ended the save without committing it") + \
-          " (the step was not committed)"
-    if not _on_every_process(error is None):
-      self._outcomes.append(SaveOutcome(step, error or "it failed on another host"))
-    else:
+    error = self._quietly_wait()
+    # Committed means: in storage. Not the in-memory list, which dropped the steps this save
+    # replaces and keeps a step whose failure orbax only logged.
+    listing_error = self._reload()
+    committed = listing_error is None and step in self.manager.all_steps()
+    if not committed and error is None:
+      error = listing_error or ((self._orbax_errors.reason or "orbax ended the save without "
+                                 "committing it") + " (the step was not committed)")
+    if _on_every_process(committed):
+      if error is not None:
+        logging.warning("checkpoint step %d is complete in storage although a process reported "
+                        "%s", step, error)
       self._outcomes.append(SaveOutcome(step, None))
+    else:
+      self._outcomes.append(SaveOutcome(step, error or "it was not committed on another host"))
 
   def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
     """Restore into `abstract_state`'s shapes and shardings (any mesh); the iterator in place."""
@@ -325,12 +346,14 @@ class Checkpointer:
 
   def close(self) -> None:
     """Wait for the save in flight and close; a failure not collected is logged."""
-    for outcome in self.finished(block=True):
-      if outcome.error:
-        logging.error("checkpoint step %d in %s was not saved: %s", outcome.step,
-                      self.directory, outcome.error)
-    std_logging.getLogger("absl").removeHandler(self._orbax_errors)
-    self.manager.close()
+    try:
+      for outcome in self.finished(block=True):
+        if outcome.error:
+          logging.error("checkpoint step %d in %s was not saved: %s", outcome.step,
+                        self.directory, outcome.error)
+    finally:
+      std_logging.getLogger("absl").removeHandler(self._orbax_errors)
+      self.manager.close()
 
 
 class PreemptionWatcher:

@@ -4,6 +4,7 @@ Read top to bottom, this is the whole run. `python -m hdit_jax.main --config=...
 calls `train(config, workdir)` on every host.
 """
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -234,10 +235,13 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
     export_ema(config, model_def, state, ema_path(workdir, step),
                write=is_host0)
   finally:
-    checkpointer.close()
-    watcher.close()
-    writer.close()
-    progress.close()
+    # Run last-in first-out, each even if one before it raises (the SIGTERM handler and the
+    # metric uploads are never skipped).
+    with contextlib.ExitStack() as closing:
+      closing.callback(progress.close)
+      closing.callback(writer.close)
+      closing.callback(watcher.close)
+      closing.callback(checkpointer.close)
   return state
 
 

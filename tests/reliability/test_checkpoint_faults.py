@@ -243,3 +243,4 @@ def test_a_checkpoint_with_flat_fused_projections_is_named_as_an_earlier_version
   other = {"params.qkv_proj.kernel": (16, 40), "params.norm.scale": (16,)}
   with pytest.raises(ConfigError, match="of another model than this config builds"):
     ckpt_lib._check_same_model(other, built, 4, "/ckpt")  # pylint: disable=protected-access
+
