@@ -111,7 +111,8 @@ def _check_fingerprint(saved: dict[str, int], restored: dict[str, int]) -> None:
                           f"{more}")
 
 
-def _reason(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
+  """An exception as one short line for a log or an error message: its type and first line."""
   lines = str(error).strip().splitlines()
   return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
@@ -127,7 +128,7 @@ class _LastOrbaxError(std_logging.Handler):
   def emit(self, record: std_logging.LogRecord) -> None:
     if f"{os.sep}orbax{os.sep}" in record.pathname:
       error = record.exc_info[1] if record.exc_info else None
-      self.reason = _reason(error) if error is not None else record.getMessage()[:300]
+      self.reason = error_line(error) if error is not None else record.getMessage()[:300]
 
 
 class SaveOutcome(NamedTuple):
@@ -199,7 +200,7 @@ class Checkpointer:
       started = self.manager.save(step, args=ocp.args.Composite(**args), force=True)
     except Exception as e:  # pylint: disable=broad-except
       # Its start failed (the directory could not be made, storage unreachable).
-      started, error = False, _reason(e)
+      started, error = False, error_line(e)
     # Every process takes the same view, so that later collectives pair up.
     if not _on_every_process(error is None):
       self._reload()
@@ -224,14 +225,14 @@ class Checkpointer:
       self.manager.reload()
       return None
     except Exception as e:  # pylint: disable=broad-except
-      return f"its directory cannot be listed ({_reason(e)})"
+      return f"its directory cannot be listed ({error_line(e)})"
 
   def _quietly_wait(self) -> str | None:
     try:
       self.manager.wait_until_finished()
       return None
     except Exception as e:  # pylint: disable=broad-except
-      return _reason(e)
+      return error_line(e)
 
   def _settle(self, block: bool) -> None:
     if self._in_flight is None:
@@ -304,7 +305,7 @@ class Checkpointer:
       if _on_every_process(restored is not None):
         self._set_aside(damaged if set_aside else [])
         return restored, step
-      reason = _reason(error) if error is not None else "it failed on another host"
+      reason = error_line(error) if error is not None else "it failed on another host"
       failures.append(f"step {step}: {reason}")
       logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before",
                       step, self.directory, reason)

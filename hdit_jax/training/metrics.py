@@ -11,6 +11,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from hdit_jax.training.checkpoint import error_line
+
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix.
 PEAK_FLOPS = (
     ("NVIDIA H100", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA GH200", 989e12),
@@ -51,9 +53,9 @@ class MetricWriter:
 
   For a remote workdir (gs://) the files are written locally and copied up, at most every
   `upload_every` seconds and at evaluations and the end; only files that changed since their
-  last upload are copied, and a copy that fails is logged and made again at the next upload. A TensorBoard event file is closed and a new one begun once it holds
-  `rotate_bytes`, so a long run's events (sample grids included) are copied up about once, not
-  at every flush. An existing `metrics.jsonl` and `eval.jsonl` in the workdir are continued,
+  last upload are copied, and a copy that fails is logged and made again at the next upload.
+  A TensorBoard event file is closed and a new one begun once it holds `rotate_bytes`, so a
+  long run's events (sample grids included) are copied up about once, not at every flush. An existing `metrics.jsonl` and `eval.jsonl` in the workdir are continued,
   on gs:// as locally.
   """
 
@@ -164,8 +166,8 @@ class MetricWriter:
             target.write_bytes(f.read())
         except Exception as e:  # pylint: disable=broad-except
           # Storage trouble never stops training: the file is kept locally and sent next time.
-          logging.warning("could not copy %s to %s (%s: %s); it is tried again at the next "
-                          "upload", local, target, type(e).__name__, str(e).splitlines()[:1])
+          logging.warning("could not copy %s to %s (%s); it is tried again at the next "
+                          "upload", local, target, error_line(e))
           continue
         self._uploaded[local] = (stat.st_size, stat.st_mtime_ns)
 

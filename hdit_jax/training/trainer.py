@@ -263,7 +263,7 @@ def write_samples(config: Any, model: Any, mesh: jax.sharding.Mesh, step: int, w
       picture = files.write_grid(images, labels if num_classes else None, path, columns)
     except Exception as e:  # pylint: disable=broad-except
       # A sample grid is worth a warning, not the run.
-      logging.warning("could not write the sample grid %s (%s: %s); training goes on", path,
-                      type(e).__name__, str(e).splitlines()[:1])
+      logging.warning("could not write the sample grid %s (%s); training goes on", path,
+                      ckpt_lib.error_line(e))
       return
     writer.image(step, "samples", picture)

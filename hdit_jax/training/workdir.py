@@ -65,11 +65,10 @@ def check_reachable(workdir: str, timeout_s: float) -> None:
     gcsfs_log.setLevel(level)
     gcsfs_log.propagate = propagate
   if "error" in result:
-    error = result["error"]
-    raise StorageUnreachable(f"the workdir {workdir} cannot be reached: {type(error).__name__}: "
-                             f"{str(error).splitlines()[0][:300] if str(error) else ''}. Check "
-                             "the bucket's name, the network and the credentials "
-                             "(gcloud auth application-default login)")
+    raise StorageUnreachable(f"the workdir {workdir} cannot be reached: "
+                             f"{ckpt_lib.error_line(result['error'])}. Check the bucket's name, "
+                             "the network and the credentials (gcloud auth "
+                             "application-default login)")
   if "exists" not in result:
     last = f" (last error: {retries.message[:300]})" if retries.message else ""
     raise StorageUnreachable(f"the workdir {workdir} did not answer within {timeout_s:g} s{last}. "

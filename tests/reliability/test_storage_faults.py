@@ -62,8 +62,12 @@ def _restore_latest_good(directory: str):
     checkpointer.close()
 
 
-def _error_lines(stderr: str) -> list[str]:
-  return [line for line in stderr.splitlines() if line.startswith("error:")]
+def _the_error_line(run: subprocess.CompletedProcess) -> str:
+  """The one `error:` line of a run that stopped (exit 1) without a traceback."""
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr
+  (line,) = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  return line
 
 
 def test_an_outage_is_retried_and_a_failing_save_fails_alone(faulty_gcs):
@@ -116,9 +120,7 @@ def test_an_outage_is_retried_and_a_failing_save_fails_alone(faulty_gcs):
                  "--config.training.checkpoint_every=2", "--config.training.keep_checkpoints=3",
                  "--config.training.checkpoint_retries=1",
                  "--config.training.max_consecutive_checkpoint_failures=0")
-  assert halted.returncode == 1, halted.stderr[-3000:]
-  assert "Traceback" not in halted.stderr
-  (line,) = _error_lines(halted.stderr)
+  line = _the_error_line(halted)
   assert "checkpoint step 8 could not be saved" in line and "503" in line
   assert "max_consecutive_checkpoint_failures = 0" in line
   assert "newest complete checkpoint, step 7, is intact" in line
@@ -134,9 +136,7 @@ def test_the_last_save_failing_stops_the_run_with_the_reason(faulty_gcs):
   run = _main(workdir, "--config.training.num_steps=4", "--config.training.checkpoint_every=2",
               "--config.training.checkpoint_retries=1",
               "--config.training.max_consecutive_checkpoint_failures=5")
-  assert run.returncode == 1, run.stderr[-3000:]
-  assert "Traceback" not in run.stderr
-  (line,) = _error_lines(run.stderr)
+  line = _the_error_line(run)
   assert "checkpoint step 4 could not be saved" in line and "it was the run's last" in line
   assert "newest complete checkpoint, step 2, is intact" in line
   steps, (_, step) = _restore_latest_good(f"{workdir}/checkpoints")
@@ -177,9 +177,7 @@ def test_an_unreachable_bucket_fails_within_a_bounded_time(tmp_path, monkeypatch
   start = time.monotonic()
   run = _main("gs://hdit-test/run", "--storage_timeout=5", timeout=120)
   elapsed = time.monotonic() - start
-  assert run.returncode == 1, run.stderr[-3000:]
-  assert "Traceback" not in run.stderr
-  (line,) = _error_lines(run.stderr)
+  line = _the_error_line(run)
   assert "gs://hdit-test/run did not answer within 5 s" in line
   assert f"127.0.0.1:{port}" in line   # the last error names what could not be reached
   assert elapsed < 45, elapsed        # JAX's start-up, then 5 s (gcsfs alone: about a minute)
