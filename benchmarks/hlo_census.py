@@ -7,6 +7,13 @@ reads the optimised HLO: every instruction of kind `--op` (inside fusions too), 
 the fusion that holds it and the JAX source that XLA's metadata names (op_name, file:line).
 A profile (`profile_step.py`) says how long a kernel family takes; this says where its
 instructions come from. Writes benchmarks/results/hlo_<op>_<case>_<device>.md and the HLO text.
+
+  python benchmarks/hlo_census.py --bandwidth=benchmarks/results/profile_imagenet256_NVIDIA_H200
+
+joins a profile's kernels (`<stem>.json`) with the HLO it was written with (`profile_step.py
+--hlo`, `<stem>.hlo.txt.gz`): each fusion's bytes in and out (its operands and results, an upper
+bound where it reads part of an operand) over its measured time, the bandwidth it reached.
+Writes `<stem>_bandwidth.md`.
 """
 
 import argparse
@@ -44,6 +51,57 @@ def census(hlo_text: str, op: str) -> list[dict]:
   return found
 
 
+_BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, f64=8)
+_FUSION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = .*? fusion\(.*calls=%([\w.\-]+)")
+_SIGNATURE = re.compile(r"^%([\w.\-]+) \((.*?)\) -> (.*?) \{\s*$", re.M)
+
+
+def shape_bytes(shapes: str) -> int:
+  """The bytes of every array shape (`bf16[64,256]`) written in `shapes`."""
+  total = 0
+  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shapes):
+    count = 1
+    for d in filter(None, dims.split(",")):
+      count *= int(d)
+    total += count * _BYTES.get(dtype, 0)
+  return total
+
+
+def fusion_traffic(hlo_text: str) -> dict[str, int]:
+  """Bytes in + out of every fusion, by its kernel's name (`loop_add_fusion.8` runs as
+  `loop_add_fusion_8`): the called computation's parameters and results."""
+  signatures = {m.group(1): m.group(2) + " " + m.group(3) for m in _SIGNATURE.finditer(hlo_text)}
+  traffic = {}
+  for line in hlo_text.splitlines():
+    match = _FUSION.match(line)
+    if match and match.group(2) in signatures:
+      traffic[match.group(1).replace(".", "_")] = shape_bytes(signatures[match.group(2)])
+  return traffic
+
+
+def bandwidth_report(stem: str) -> str:
+  """The profile's fusion kernels with the bandwidth each reached (see the module's text)."""
+  import json  # pylint: disable=import-outside-toplevel
+  with open(f"{stem}.json") as f:
+    profile = json.load(f)
+  with gzip.open(f"{stem}.hlo.txt.gz", "rt") as f:
+    traffic = fusion_traffic(f.read())
+  lines = [f"# Bandwidth of the fusions: {profile['case']}, batch {profile['batch']}, "
+           f"{profile['device']}, jax {profile['jax']}", "",
+           f"Device busy {profile['device_busy_ms_per_step']:.1f} ms per step. Bytes are each "
+           "fusion's operands and results (an upper bound where it reads part of an operand).",
+           "", "| kernel | ms/step | calls/step | MB per call | TB/s |", "|---|---|---|---|---|"]
+  for kernel in profile["kernels"]:
+    moved = traffic.get(kernel["name"])
+    if kernel["kind"] not in ("fusion", "concatenate") or not moved:
+      continue
+    seconds = kernel["ms_per_step"] / kernel["calls_per_step"] / 1e3
+    lines.append(f"| `{kernel['name']}` | {kernel['ms_per_step']:.2f} | "
+                 f"{kernel['calls_per_step']:.0f} | {moved / 1e6:.0f} | "
+                 f"{moved / seconds / 1e12:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
 def _short(op_name: str) -> str:
   """The op_name without the jit/transpose wrappers' repetition, for grouping."""
   parts = [p for p in op_name.split("/") if p and not p.startswith("jit(")]
@@ -56,7 +114,15 @@ def main():
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--op", default="concatenate")
   parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--bandwidth", metavar="STEM",
+                      help="report the bandwidth of a profile's fusions (no compilation)")
   args = parser.parse_args()
+  if args.bandwidth:
+    text = bandwidth_report(args.bandwidth)
+    with open(f"{args.bandwidth}_bandwidth.md", "w") as f:
+      f.write(text)
+    print(text)
+    return
 
   import jax  # pylint: disable=import-outside-toplevel
   from train_throughput import prepare_case  # pylint: disable=import-outside-toplevel

@@ -7,11 +7,13 @@ Builds the case with benchmarks/train_throughput.py's prepare_case (the loop's j
 data already on the device), warms up, traces `--steps` steps with jax.profiler, and reads the
 trace back (jax.profiler.ProfileData): every event on the device planes' kernel lines, grouped
 by kernel name, with its share of the device-busy time and a coarse class (matmul, attention,
-fusion, copy, collective). Writes profile_<case>_<device>.md and .json.
+fusion, copy, collective). Writes profile_<case>_<device>.md and .json (and, with --hlo, the
+compiled step's HLO, whose fusion names the kernel names are).
 """
 
 import argparse
 import collections
+import gzip
 import json
 import pathlib
 import re
@@ -69,6 +71,9 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=40)
   parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--hlo", action="store_true",
+                      help="also write the compiled step's optimised HLO (.hlo.txt.gz), whose "
+                           "fusion names are the kernels' names; read it with hlo_census.py")
   args = parser.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -123,6 +128,9 @@ def main():
   stem = f"profile_{args.case.replace(':', '_')}_{device.replace(' ', '_')}"
   (out / f"{stem}.md").write_text(text)
   (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+  if args.hlo:
+    with gzip.open(out / f"{stem}.hlo.txt.gz", "wt") as f:
+      f.write(step.lower(state, batch, key).compile().as_text())
   if busy == 0:
     from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
     print("no device kernel events found; the trace's planes and lines:")
