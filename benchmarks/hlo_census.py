@@ -19,6 +19,7 @@ Writes `<stem>_bandwidth.md`.
 import argparse
 import collections
 import gzip
+import json
 import os
 import re
 import sys
@@ -81,7 +82,6 @@ def fusion_traffic(hlo_text: str) -> dict[str, int]:
 
 def bandwidth_report(stem: str) -> str:
   """The profile's fusion kernels with the bandwidth each reached (see the module's text)."""
-  import json  # pylint: disable=import-outside-toplevel
   with open(f"{stem}.json") as f:
     profile = json.load(f)
   with gzip.open(f"{stem}.hlo.txt.gz", "rt") as f:
