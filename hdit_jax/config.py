@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
       # this many in a row failed (0: stop at the first). A failed last save always stops it.
       checkpoint_retries=10,
       max_consecutive_checkpoint_failures=2,
+      # On several hosts: how long one waits for the others' word on a save's start or a
+      # restore before it stops the job (they are stuck in orbax's barriers, which never end).
+      checkpoint_host_timeout=300.0,
       profile_steps=(0, 0)))           # (first step, number of steps) to trace; 0 steps: off
 
   c.sampling = ml_collections.ConfigDict(dict(

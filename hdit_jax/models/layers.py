@@ -130,8 +130,13 @@ def geglu(x: jax.Array) -> jax.Array:
   The gradient is written out so that only x (the projection's output, kept anyway) is saved:
   autodiff would also keep GELU(gate), one more d_ff-sized tensor written and read per layer.
   """
-  value, gate = x[..., 0, :], x[..., 1, :]
-  return value * jax.nn.gelu(gate, approximate=False)
+  value = x[..., 0, :].astype(jnp.float32)
+  gate = x[..., 1, :].astype(jnp.float32)
+  # erf, not jax.nn.gelu's erfc: XLA's float32 erfc (two branches and an exp) made this
+  # fusion compute-bound at a third of the memory rate. For very negative gates 1 + erf
+  # cancels (to 0 below about -5.4), an absolute error of about 2e-8 |value * gate|: far
+  # below bfloat16's resolution of the output.
+  return (value * (0.5 * gate) * (1.0 + jax.lax.erf(gate * (1 / math.sqrt(2))))).astype(x.dtype)
 
 
 def _geglu_fwd(x):

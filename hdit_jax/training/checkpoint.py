@@ -8,6 +8,7 @@ raised: the loop decides whether to go on. Keeps the last `keep` steps plus ever
 of `keep_every`.
 """
 
+import itertools
 import logging as std_logging
 import math
 import os
@@ -19,9 +20,11 @@ from typing import Any, NamedTuple
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax._src import distributed   # the coordination service's key-value store: no public API
 from jax.experimental import multihost_utils
 
 from hdit_jax.training.validate import ConfigError
@@ -76,10 +79,80 @@ def _check_same_model(saved: dict[str, tuple[int, ...]], abstract_state: Any, st
       "it with the version that wrote it, or train in a new workdir.")
 
 
+class StrandedHosts(CheckpointError):
+  """A save's start or a restore failed on some hosts while the others went into it: those wait
+  inside orbax's collectives (barriers without a timeout) for hosts that cannot join them again.
+  The job must stop (`main` exits at once, past every closer that would wait for them)."""
+
+
 def _on_every_process(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   return bool(multihost_utils.process_allgather(jnp.asarray(ok)).all())
+
+
+_agreements = itertools.count()
+_STOPPED_KEY = "hdit_jax/stopped_by"   # a host's word that it stopped the job, and why
+_SERVICE_GONE = ("the job's coordination service (in process 0) is gone: process 0 stopped; "
+                 "its log has the reason")
+
+
+def _client():
+  client = distributed.global_state.client
+  if client is None:
+    raise CheckpointError(
+        f"{jax.process_count()} JAX processes without jax.distributed.initialize(): the hosts' "
+        "checkpoints agree through its coordination service; call it first (python -m "
+        "hdit_jax.main does)")
+  return client
+
+
+def _stop_the_job(message: str) -> "StrandedHosts":
+  """The error to raise on a host that stops the job, its reason left for the other hosts
+  first: they may be waiting for it inside a collective that its exit breaks."""
+  if jax.process_count() > 1:
+    try:
+      _client().key_value_set(_STOPPED_KEY, f"host {jax.process_index()}: {message}")
+    except jax.errors.JaxRuntimeError:   # another host said it first, or the service is gone
+      pass
+  return StrandedHosts(message)
+
+
+def _raise_if_another_host_stopped() -> None:
+  try:
+    word = _client().key_value_try_get(_STOPPED_KEY)
+  except jax.errors.JaxRuntimeError as e:
+    if "NOT_FOUND" in str(e):
+      return
+    raise StrandedHosts(_SERVICE_GONE) from None
+  raise StrandedHosts(f"the job was stopped by {word}")
+
+
+def _reports_of_every_process(ok: bool, timeout_s: float) -> list[bool | None]:
+  """Each process's `ok` (None where one did not report within `timeout_s`), through the
+  coordination service (a barrier, then one read of every report): unlike a collective, it
+  cannot pair up with orbax's collectives that hosts still inside a save or a restore are
+  waiting in. Where it went wrong, a host that stopped the job first (and so broke those
+  collectives) is named instead."""
+  if jax.process_count() == 1:
+    return [ok]
+  if not ok:
+    _raise_if_another_host_stopped()
+  client, name = _client(), f"hdit_jax/agreement/{next(_agreements)}"
+  try:
+    client.key_value_set(f"{name}/{jax.process_index()}", str(int(ok)))
+    try:
+      client.wait_at_barrier(name, max(1, int(timeout_s * 1000)))
+    except jax.errors.JaxRuntimeError:   # (DEADLINE_EXCEEDED) a host did not come
+      pass
+    said = dict(client.key_value_dir_get(f"{name}/"))
+  except jax.errors.JaxRuntimeError:
+    raise StrandedHosts(_SERVICE_GONE) from None
+  reports = [None if said.get(f"{name}/{rank}") is None else said[f"{name}/{rank}"] == "1"
+             for rank in range(jax.process_count())]
+  if None in reports:
+    _raise_if_another_host_stopped()
+  return reports
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
@@ -156,7 +229,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, keep_every: int | None = None,
                asynchronous: bool = True, use_ocdbt: bool = True, create: bool = True,
-               retries: int | None = None):
+               retries: int | None = None, host_timeout_s: float = 300):
     if retries is not None:
       set_storage_retries(retries)
     options = ocp.CheckpointManagerOptions(
@@ -176,6 +249,11 @@ class Checkpointer:
       raise OSError(f"cannot open the checkpoint directory {directory}: "
                     f"{type(e).__name__}: {e}") from e
     self.directory = directory
+    # How long a host waits for the others' word on a save's start or a restore before it takes
+    # the silent ones to be stuck in orbax's barriers (collectives that never time out). Long
+    # enough for the slowest host's own failure to surface (tensorstore's retries).
+    self.host_timeout_s = host_timeout_s
+    self._stranded = False   # set when this host stops the job: the others wait in orbax
     self._in_flight: int | None = None   # the step being saved in the background
     self._outcomes: list[SaveOutcome] = []
     # On absl's logger, ahead of the handlers that print (and may shorten) its records.
@@ -188,7 +266,9 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any) -> bool:
     """Start saving `step` (after the previous save has ended); False if it is saved already."""
     self._settle(block=True)
-    if self.manager.latest_step() == step:
+    latest = self.manager.latest_step()
+    # Decided together: a host that skipped orbax's save would leave the others in its barriers.
+    if not _on_every_process(latest != step):
       return False
     args = {"state": ocp.args.StandardSave(state),
             "fingerprint": ocp.args.JsonSave(fingerprint(state))}
@@ -202,7 +282,18 @@ class Checkpointer:
       # Its start failed (the directory could not be made, storage unreachable).
       started, error = False, error_line(e)
     # Every process takes the same view, so that later collectives pair up.
-    if not _on_every_process(error is None):
+    reports = self._reports(error is None)
+    if None in reports:
+      self._stranded = True
+      silent = [rank for rank, ok in enumerate(reports) if ok is None]
+      here = (f"could not be started on host {jax.process_index()} ({error})" if error else
+              f"began on host {jax.process_index()}")
+      raise _stop_the_job(
+          f"checkpoint step {step} {here}, and host(s) {', '.join(map(str, silent))} did not "
+          f"say within {self.host_timeout_s:.0f} s whether it began there: the hosts no longer "
+          f"agree on the save, and the job cannot go on. The newest complete checkpoint, step "
+          f"{latest}, is intact: run the job again to resume from it.")
+    if not all(reports):
       self._reload()
       self._outcomes.append(SaveOutcome(step, error or "its start failed on another host"))
       if started:   # begun here, failed elsewhere: let it end, it is not counted as saved
@@ -211,6 +302,13 @@ class Checkpointer:
     if started:
       self._in_flight = step
     return started
+
+  def _reports(self, ok: bool) -> list[bool | None]:
+    try:
+      return _reports_of_every_process(ok, self.host_timeout_s)
+    except StrandedHosts:
+      self._stranded = True
+      raise
 
   def finished(self, block: bool = False) -> list[SaveOutcome]:
     """The saves that have ended since the last call, committed or failed; with `block`, after
@@ -259,15 +357,35 @@ class Checkpointer:
   def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
     """Restore into `abstract_state`'s shapes and shardings (any mesh); the iterator in place."""
     step = self.manager.latest_step() if step is None else step
+    if jax.process_count() == 1:
+      restored = self._read(abstract_state, data_iterator, step)
+    else:   # the hosts agree on the outcome (see restore_latest_good)
+      restored, error = None, None
+      try:
+        restored = self._read(abstract_state, data_iterator, step)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      reports = self._reports(restored is not None)
+      if None in reports:
+        self._strand_on_restore(step, error, reports, set_aside=False)
+      if not all(reports):
+        if error is not None:
+          raise error
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored "
+                              "on another host (its log says why)")
+    self._verify(restored, step)
+    return restored["state"]
+
+  def _read(self, abstract_state: Any, data_iterator: Any, step: int) -> dict[str, Any]:
+    """A step's items as orbax restores them (no collective of this module's own)."""
     _check_same_model(self._saved_shapes(step), abstract_state, step, self.directory)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    has_fingerprint = (epath.Path(self.directory) / str(step) / "fingerprint").exists()
-    if has_fingerprint:
+    if (epath.Path(self.directory) / str(step) / "fingerprint").exists():
       args["fingerprint"] = ocp.args.JsonRestore()
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+      return self.manager.restore(step, args=ocp.args.Composite(**args))
     except ValueError as e:
       if "in checkpoint does not match" not in str(e):
         raise
@@ -277,34 +395,67 @@ class Checkpointer:
           f"checkpoint step {step} in {self.directory} holds the data position of another input "
           f"pipeline ({' '.join(str(e).split())}): resume with the same number of hosts, "
           "data.num_workers, dataset and seed, or start a new workdir") from None
-    if has_fingerprint:
+
+  def _verify(self, restored: dict[str, Any], step: int) -> None:
+    """Compare the restored arrays with the fingerprint saved beside them (a collective)."""
+    if restored.get("fingerprint") is not None:
       _check_fingerprint(restored["fingerprint"], fingerprint(restored["state"]))
     else:
       logging.warning("checkpoint step %d in %s has no fingerprint: its arrays are not verified",
                       step, self.directory)
     logging.info("restored step %d from %s", step, self.directory)
-    return restored["state"]
+
+  def steps(self, set_aside: bool = True) -> list[int]:
+    """The complete steps, as every process lists them. With `set_aside`, a step that some
+    process does not list (its listing failed or is stale) is moved to STEP.unlisted by process
+    0 and every process reads the directory again: the hosts' orbax managers must hold one
+    list, or a later save of that step would fail on some of them only."""
+    steps = sorted(self.manager.all_steps())
+    if jax.process_count() == 1:
+      return steps
+    most = int(multihost_utils.process_allgather(jnp.asarray(len(steps))).max())
+    padded = np.full(max(most, 1), -1, np.int32)
+    padded[:len(steps)] = steps
+    listed = [set(row.tolist()) - {-1} for row in np.asarray(
+        multihost_utils.process_allgather(jnp.asarray(padded))).reshape(jax.process_count(), -1)]
+    common = sorted(set.intersection(*listed))
+    unlisted = sorted(set.union(*listed) - set(common))
+    if unlisted and set_aside:
+      logging.warning("checkpoint steps %s in %s are not listed on every host: set aside as "
+                      "STEP.unlisted (complete, perhaps; kept)", unlisted, self.directory)
+      self._set_aside(unlisted, "unlisted")
+    return common
 
   def restore_latest_good(self, abstract_state: Any, data_iterator: Any,
                           set_aside: bool = True) -> tuple[Any, int]:
     """(state, step) of the newest checkpoint that restores on every process. A damaged newer
     one (a truncated or altered array file, missing metadata) is named in the log and, with
-    `set_aside`, moved to STEP.damaged; a checkpoint of another model is refused, not skipped."""
+    `set_aside`, moved to STEP.damaged; a checkpoint of another model is refused, not skipped.
+
+    A step that fails on some hosts only leaves the others inside orbax's restore, waiting for
+    them: a host that failed moves it aside (with `set_aside`) and raises StrandedHosts, and
+    the job's next start restores the one before."""
     failures, damaged = [], []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    for step in reversed(self.steps(set_aside)):
       restored, error = None, None
       for _ in range(2):   # a second try, so that a passing storage error is not damage
         try:
-          restored = self.restore(abstract_state, data_iterator, step)
+          restored = self._read(abstract_state, data_iterator, step)
           break
         except ConfigError:
           raise
         except Exception as e:  # pylint: disable=broad-except
           error = e
-      # Every process takes the same step, or none: a host that failed alone decides for all.
-      if _on_every_process(restored is not None):
-        self._set_aside(damaged if set_aside else [])
-        return restored, step
+      reports = self._reports(restored is not None)
+      if None in reports:
+        self._strand_on_restore(step, error, reports, set_aside)
+      if all(reports):
+        try:
+          self._verify(restored, step)   # the same verdict on every host
+          self._set_aside(damaged if set_aside else [])
+          return restored["state"], step
+        except CheckpointError as e:
+          error = e
       reason = error_line(error) if error is not None else "it failed on another host"
       failures.append(f"step {step}: {reason}")
       logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before",
@@ -313,25 +464,57 @@ class Checkpointer:
     raise CheckpointError(f"no checkpoint in {self.directory} can be restored: "
                           + "; ".join(failures))
 
-  def _set_aside(self, steps: list[int]) -> None:
-    """Move damaged steps to STEP.damaged: kept for a look, out of the way of the steps that
-    training writes again and of the keep-last-K count (which would delete good ones)."""
+  def _strand_on_restore(self, step: int, error: BaseException | None,
+                         reports: list[bool | None], set_aside: bool) -> None:
+    self._stranded = True
+    silent = ", ".join(str(rank) for rank, ok in enumerate(reports) if ok is None)
+    here = f"host {jax.process_index()}"
+    if error is None:
+      what = f"was restored on {here}, but host(s) {silent} did not say whether it was there"
+    else:
+      what = (f"cannot be restored on {here} ({error_line(error)}), and host(s) {silent} wait "
+              "inside the restore for it")
+      # One mover: the first host that failed (two renames at once would race; on gs:// a
+      # rename is a copy and a delete per object).
+      mover = min(rank for rank, ok in enumerate(reports) if ok is False)
+      if not set_aside:
+        what += (". Restore an earlier step (--step), or move this one aside (to "
+                 f"{step}.damaged) and run again")
+      elif mover != jax.process_index():
+        what += f". Host {mover} moves it aside: the job's next start restores the one before it"
+      elif moved := self._move_aside(step):
+        what += f". It was moved to {moved}: the job's next start restores the one before it"
+      else:
+        what += ". It could not be moved aside: move it yourself, then run the job again"
+    raise _stop_the_job(
+        f"checkpoint step {step} in {self.directory} {what}. The hosts no longer agree on the "
+        "restore, and the job cannot go on.")
+
+  def _move_aside(self, step: int, suffix: str = "damaged") -> str | None:
+    """Move a step to STEP.<suffix> (a later name if that exists); where it went, or None."""
+    source = epath.Path(self.directory) / str(step)
+    target = epath.Path(self.directory) / f"{step}.{suffix}"
+    if target.exists():
+      target = target.parent / f"{step}.{suffix}.{int(time.time())}"
+    try:
+      source.rename(target)
+    except OSError as e:
+      logging.warning("could not move the checkpoint %s aside (%s)", source, e)
+      return None
+    logging.warning("moved the checkpoint %s to %s (delete it yourself once you have looked at "
+                    "it)", source, target)
+    return str(target)
+
+  def _set_aside(self, steps: list[int], suffix: str = "damaged") -> None:
+    """Move steps to STEP.<suffix> (damaged ones: kept for a look, out of the way of the steps
+    that training writes again and of the keep-last-K count, which would delete good ones)."""
     if not steps:
       return
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:   # left in place if it fails: the others must not wait
       for step in steps:
-        source = epath.Path(self.directory) / str(step)
-        target = epath.Path(self.directory) / f"{step}.damaged"
-        if target.exists():
-          target = target.parent / f"{step}.damaged.{int(time.time())}"
-        try:
-          source.rename(target)
-          logging.warning("moved the damaged checkpoint %s to %s (delete it yourself once you "
-                          "have looked at it)", source, target)
-        except OSError as e:   # left in place: the other hosts must not wait for this one
-          logging.warning("could not move the damaged checkpoint %s aside (%s)", source, e)
+        self._move_aside(step, suffix)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("hdit_jax: damaged checkpoints set aside")
+      multihost_utils.sync_global_devices(f"hdit_jax: checkpoints set aside as {suffix}")
     self.manager.reload()
 
   def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
@@ -347,6 +530,9 @@ class Checkpointer:
 
   def close(self) -> None:
     """Wait for the save in flight and close; a failure not collected is logged."""
+    if self._stranded:   # the other hosts wait inside orbax: closing it would wait for them
+      std_logging.getLogger("absl").removeHandler(self._orbax_errors)
+      return
     try:
       for outcome in self.finished(block=True):
         if outcome.error:

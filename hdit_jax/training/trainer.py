@@ -107,9 +107,11 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   checkpointer = ckpt_lib.Checkpointer(
       checkpoint_dir(workdir), keep=training.keep_checkpoints,
       keep_every=training.keep_every, use_ocdbt=training.checkpoint_ocdbt,
-      retries=training.checkpoint_retries)
+      retries=training.checkpoint_retries,
+      host_timeout_s=float(training.checkpoint_host_timeout))
   save_failures = SaveFailures(checkpointer, int(training.max_consecutive_checkpoint_failures))
-  latest = checkpointer.latest_step()
+  steps = checkpointer.steps()   # one list on every host, so that every host takes one branch
+  latest = steps[-1] if steps else None
   if latest is not None and latest > training.num_steps:
     checkpointer.close()
     raise ConfigError(f"the checkpoint in {workdir} is at step {latest}, past "
@@ -147,6 +149,9 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   step = start_step
   reported_skips = int(jax.device_get(nonfinite_counts(state.opt_state)["nonfinite_total"]))
   replaced_here = reported_replaced = 0   # unreadable image reads: on this host / last shown
+  # Live JAX arrays with no save in flight (one in flight holds a copy of the state): flat over
+  # a run without leaks, where the plain count depends on the saves' timing.
+  live_between_saves = None
   try:
     while step < training.num_steps:
       if profile_steps and step == profile_start:
@@ -175,6 +180,8 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
         save_failures.account(checkpointer.finished())
         measurements["checkpoint_failures_total"] = save_failures.total
         measurements.update(metrics_lib.host_measurements())
+        if live_between_saves is not None:
+          measurements["live_arrays_between_saves"] = float(live_between_saves)
         writer.scalars(step, measurements)
         skips = int(measurements["nonfinite_total"])
         postfix = dict(loss=f"{measurements['loss']:.4f}", img_s=f"{images_per_second:.1f}")
@@ -226,6 +233,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
       if step % training.checkpoint_every == 0 or final:
         # The previous save's outcome first: a halt then leaves no save in flight.
         save_failures.account(checkpointer.finished(block=True))
+        live_between_saves = len(jax.live_arrays())
         checkpointer.save(step, state, data_iterator)
         if final:
           save_failures.account(checkpointer.finished(block=True), final_step=step)

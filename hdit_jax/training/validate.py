@@ -107,6 +107,9 @@ def _validate(config: Any, num_devices: int, num_processes: int) -> None:
   for key in ("checkpoint_retries", "max_consecutive_checkpoint_failures"):
     if int(config.training[key]) < 0:
       raise ValueError(f"training.{key} must be >= 0, got {config.training[key]}")
+  if float(config.training.checkpoint_host_timeout) <= 0:
+    raise ValueError("training.checkpoint_host_timeout must be > 0 (seconds), got "
+                     f"{config.training.checkpoint_host_timeout}")
   if int(config.training.max_consecutive_nonfinite) < 0:
     raise ValueError("training.max_consecutive_nonfinite must be >= 0 (0: stop at the first "
                      "non-finite step)")

@@ -93,7 +93,7 @@ def restore_ema(config: Any, workdir: str, step: int | None = None) -> Restored:
   model_def, abstract, _, _, _ = state_lib.setup(config, mesh, dict(config.sharding_rules))
   checkpointer = ckpt_lib.Checkpointer(directory, keep=1, create=False)
   try:
-    steps = checkpointer.manager.all_steps()
+    steps = checkpointer.steps(set_aside=False)
     if not steps:
       raise FileNotFoundError(f"no complete checkpoint in {directory}")
     if step is not None and step not in steps:

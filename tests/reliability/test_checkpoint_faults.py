@@ -244,3 +244,28 @@ def test_a_checkpoint_with_flat_fused_projections_is_named_as_an_earlier_version
   with pytest.raises(ConfigError, match="of another model than this config builds"):
     ckpt_lib._check_same_model(other, built, 4, "/ckpt")  # pylint: disable=protected-access
 
+
+
+def test_a_save_whose_start_fails_is_an_outcome_and_the_next_one_saves(tmp_path, monkeypatch):
+  """orbax refuses to begin a save (its directory cannot be made, storage unreachable): the
+  save is reported failed with the reason, "latest" stays the last complete step, and the next
+  save is complete."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  state = {"w": jnp.arange(6.0), "b": jnp.ones((2, 3))}
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  assert checkpointer.save(1, state, None)
+  assert checkpointer.finished(block=True) == [ckpt_lib.SaveOutcome(1, None)]
+  save = checkpointer.manager.save
+
+  def refusing(*args, **kwargs):
+    monkeypatch.setattr(checkpointer.manager, "save", save)
+    raise PermissionError("[Errno 13] Permission denied: 'checkpoints/2'")
+  monkeypatch.setattr(checkpointer.manager, "save", refusing)
+  assert not checkpointer.save(2, jax.tree.map(lambda x: x + 1, state), None)
+  assert checkpointer.finished(block=True) == [ckpt_lib.SaveOutcome(
+      2, "PermissionError: [Errno 13] Permission denied: 'checkpoints/2'")]
+  assert checkpointer.latest_step() == 1
+  assert checkpointer.save(3, jax.tree.map(lambda x: x + 3, state), None)
+  assert checkpointer.finished(block=True) == [ckpt_lib.SaveOutcome(3, None)]
+  assert checkpointer.manager.all_steps() == [1, 3]
+  checkpointer.close()

@@ -110,6 +110,94 @@ def test_two_processes_train_resume_sample_and_export_as_one(tmp_path):
   assert len(np.unique(drawn["arr_0"].reshape(NUM_IMAGES, -1), axis=0)) == NUM_IMAGES
 
 
+def _checkpoints_on_two_hosts(directory: pathlib.Path, scenario: str,
+                              failing: int = 1) -> list[dict]:
+  """Runs two_host_checkpoints.py on 2 processes; per host: its exit status, the stages it
+  reported and its `error:` lines."""
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS=cli_xla_flags(devices=4), JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, str(pathlib.Path(__file__).parent / "two_host_checkpoints.py"),
+       str(directory), str(port), str(rank), scenario, str(failing)],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for rank in range(2)]
+  hosts = []
+  for rank, proc in enumerate(procs):
+    try:
+      out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      pytest.fail(f"process {rank} of scenario {scenario} hung")
+    assert "Traceback" not in err, err[-3000:]
+    hosts.append(dict(status=proc.returncode,
+                      stages=[json.loads(line) for line in out.splitlines()
+                              if line.startswith("{")],
+                      errors=[line for line in err.splitlines() if line.startswith("error:")]))
+  return hosts
+
+
+def _restored(hosts: list[dict]) -> list[tuple[int, float]]:
+  assert [h["status"] for h in hosts] == [0, 0], hosts
+  return [(h["stages"][-1]["step"], h["stages"][-1]["w0"]) for h in hosts]
+
+
+def test_checkpoint_failures_on_one_host_never_split_or_hang_the_hosts(tmp_path):
+  """Saves and restores that fail inside orbax on both hosts or on one: the hosts agree on each
+  outcome through the coordination service, never through a collective that could pair with
+  one of orbax's barriers (gloo aborts the job on such a mismatch; an accelerator would hang).
+  A host whose failure leaves the other waiting inside orbax stops the job with the reason
+  within its timeout (10 s here), and the next start resumes from the newest good checkpoint."""
+  first = tmp_path / "a"
+  hosts = _checkpoints_on_two_hosts(first, "agree")
+  assert [h["status"] for h in hosts] == [0, 0], hosts
+  for host in hosts:
+    stages = {stage["stage"]: stage for stage in host["stages"]}
+    # Storage refuses step 2 on both hosts: a failed save, named, and the next one is complete.
+    assert stages["start failed"]["started"] is False and stages["start failed"]["latest"] == 1
+    (step, error), = stages["start failed"]["outcomes"]
+    assert step == 2 and "storage refused the step" in error
+    assert stages["saved"]["outcomes"] == [[3, None]]
+    # Host 1's stale listing lacks step 4: both restore step 3, the newest both list; step 4
+    # is set aside (kept) and saved again on both.
+    assert (stages["restored"]["step"], stages["restored"]["w0"]) == (3, 3.0)
+    assert stages["saved again"] == dict(stage="saved again", outcomes=[[4, None]],
+                                         steps=[1, 3, 4])
+  # Host 1 cannot list the directory after step 4: the save counts as failed on both hosts.
+  seen = [h["stages"][3]["outcomes"] for h in hosts]
+  assert seen[0] == [[4, "it was not committed on another host"]], seen
+  assert seen[1][0][0] == 4 and "listing refused" in seen[1][0][1], seen
+  assert sorted(p.name for p in first.iterdir()) == ["1", "3", "4", "4.unlisted"]
+
+  # Step 2's save fails inside orbax on one host, while the other waits in orbax's next
+  # barrier for it: the failing host stops the job, and the other stops with its reason.
+  # Where that is host 0, which runs the coordination service, the other ends with JAX's own
+  # error (its coordination service is gone).
+  for failing in (1, 0):
+    directory = tmp_path / f"fails_on_{failing}"
+    hosts = _checkpoints_on_two_hosts(directory, "strand_save", failing)
+    assert hosts[failing]["status"] == 1 and hosts[1 - failing]["status"] != 0, hosts
+    (line,) = hosts[failing]["errors"]
+    assert (f"checkpoint step 2 could not be started on host {failing} (OSError: injected: the "
+            "step's directory cannot be made)") in line
+    assert "newest complete checkpoint, step 1, is intact" in line
+    if failing == 1:
+      assert hosts[0]["errors"] == [line.replace("error: ", "error: the job was stopped by "
+                                                 "host 1: ")], hosts
+    assert _restored(_checkpoints_on_two_hosts(directory, "resume")) == [(1, 0.0), (1, 0.0)]
+
+  # Step 4 reads on host 0 but not on host 1: host 1 moves it aside and stops the job; the
+  # next start restores step 3 on both.
+  hosts = _checkpoints_on_two_hosts(first, "strand_restore")
+  assert [h["status"] for h in hosts] == [1, 1], hosts
+  (line,) = hosts[1]["errors"]
+  assert "step 4" in line and "cannot be restored on host 1" in line and "shard" in line
+  assert f"moved to {first / '4.damaged'}" in line
+  assert hosts[0]["errors"] == [line.replace("error: ", "error: the job was stopped by host 1: ")]
+  assert sorted(p.name for p in first.iterdir()) == ["1", "3", "4.damaged", "4.unlisted"]
+  assert _restored(_checkpoints_on_two_hosts(first, "resume")) == [(3, 3.0), (3, 3.0)]
+
+
 @pytest.mark.parametrize("env, joins", [
     ({}, False),
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, True),
