@@ -8,25 +8,22 @@ raised: the loop decides whether to go on. Keeps the last `keep` steps plus ever
 of `keep_every`.
 """
 
-import itertools
 import logging as std_logging
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any, NamedTuple
 
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax._src import distributed   # the coordination service's key-value store: no public API
 from jax.experimental import multihost_utils
 
+from hdit_jax.training import host_agreement as agreement
+from hdit_jax.training.host_agreement import StrandedHosts
 from hdit_jax.training.validate import ConfigError
 
 
@@ -77,82 +74,6 @@ def _check_same_model(saved: dict[str, tuple[int, ...]], abstract_state: Any, st
       f"the checkpoint at step {step} in {directory} holds a train state laid out otherwise "
       f"than this version of hdit-jax builds (written by another version?): {what}. Resume "
       "it with the version that wrote it, or train in a new workdir.")
-
-
-class StrandedHosts(CheckpointError):
-  """A save's start or a restore failed on some hosts while the others went into it: those wait
-  inside orbax's collectives (barriers without a timeout) for hosts that cannot join them again.
-  The job must stop (`main` exits at once, past every closer that would wait for them)."""
-
-
-def _on_every_process(ok: bool) -> bool:
-  if jax.process_count() == 1:
-    return ok
-  return bool(multihost_utils.process_allgather(jnp.asarray(ok)).all())
-
-
-_agreements = itertools.count()
-_STOPPED_KEY = "hdit_jax/stopped_by"   # a host's word that it stopped the job, and why
-_SERVICE_GONE = ("the job's coordination service (in process 0) is gone: process 0 stopped; "
-                 "its log has the reason")
-
-
-def _client():
-  client = distributed.global_state.client
-  if client is None:
-    raise CheckpointError(
-        f"{jax.process_count()} JAX processes without jax.distributed.initialize(): the hosts' "
-        "checkpoints agree through its coordination service; call it first (python -m "
-        "hdit_jax.main does)")
-  return client
-
-
-def _stop_the_job(message: str) -> "StrandedHosts":
-  """The error to raise on a host that stops the job, its reason left for the other hosts
-  first: they may be waiting for it inside a collective that its exit breaks."""
-  if jax.process_count() > 1:
-    try:
-      _client().key_value_set(_STOPPED_KEY, f"host {jax.process_index()}: {message}")
-    except jax.errors.JaxRuntimeError:   # another host said it first, or the service is gone
-      pass
-  return StrandedHosts(message)
-
-
-def _raise_if_another_host_stopped() -> None:
-  try:
-    word = _client().key_value_try_get(_STOPPED_KEY)
-  except jax.errors.JaxRuntimeError as e:
-    if "NOT_FOUND" in str(e):
-      return
-    raise StrandedHosts(_SERVICE_GONE) from None
-  raise StrandedHosts(f"the job was stopped by {word}")
-
-
-def _reports_of_every_process(ok: bool, timeout_s: float) -> list[bool | None]:
-  """Each process's `ok` (None where one did not report within `timeout_s`), through the
-  coordination service (a barrier, then one read of every report): unlike a collective, it
-  cannot pair up with orbax's collectives that hosts still inside a save or a restore are
-  waiting in. Where it went wrong, a host that stopped the job first (and so broke those
-  collectives) is named instead."""
-  if jax.process_count() == 1:
-    return [ok]
-  if not ok:
-    _raise_if_another_host_stopped()
-  client, name = _client(), f"hdit_jax/agreement/{next(_agreements)}"
-  try:
-    client.key_value_set(f"{name}/{jax.process_index()}", str(int(ok)))
-    try:
-      client.wait_at_barrier(name, max(1, int(timeout_s * 1000)))
-    except jax.errors.JaxRuntimeError:   # (DEADLINE_EXCEEDED) a host did not come
-      pass
-    said = dict(client.key_value_dir_get(f"{name}/"))
-  except jax.errors.JaxRuntimeError:
-    raise StrandedHosts(_SERVICE_GONE) from None
-  reports = [None if said.get(f"{name}/{rank}") is None else said[f"{name}/{rank}"] == "1"
-             for rank in range(jax.process_count())]
-  if None in reports:
-    _raise_if_another_host_stopped()
-  return reports
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
@@ -268,7 +189,7 @@ class Checkpointer:
     self._settle(block=True)
     latest = self.manager.latest_step()
     # Decided together: a host that skipped orbax's save would leave the others in its barriers.
-    if not _on_every_process(latest != step):
+    if not agreement.on_every_process(latest != step):
       return False
     args = {"state": ocp.args.StandardSave(state),
             "fingerprint": ocp.args.JsonSave(fingerprint(state))}
@@ -284,11 +205,10 @@ class Checkpointer:
     # Every process takes the same view, so that later collectives pair up.
     reports = self._reports(error is None)
     if None in reports:
-      self._stranded = True
       silent = [rank for rank, ok in enumerate(reports) if ok is None]
       here = (f"could not be started on host {jax.process_index()} ({error})" if error else
               f"began on host {jax.process_index()}")
-      raise _stop_the_job(
+      raise self._stop(
           f"checkpoint step {step} {here}, and host(s) {', '.join(map(str, silent))} did not "
           f"say within {self.host_timeout_s:.0f} s whether it began there: the hosts no longer "
           f"agree on the save, and the job cannot go on. The newest complete checkpoint, step "
@@ -305,10 +225,14 @@ class Checkpointer:
 
   def _reports(self, ok: bool) -> list[bool | None]:
     try:
-      return _reports_of_every_process(ok, self.host_timeout_s)
+      return agreement.reports_of_every_process(ok, self.host_timeout_s)
     except StrandedHosts:
       self._stranded = True
       raise
+
+  def _stop(self, message: str) -> StrandedHosts:
+    self._stranded = True
+    return agreement.stop_the_job(message)
 
   def finished(self, block: bool = False) -> list[SaveOutcome]:
     """The saves that have ended since the last call, committed or failed; with `block`, after
@@ -335,7 +259,7 @@ class Checkpointer:
   def _settle(self, block: bool) -> None:
     if self._in_flight is None:
       return
-    if not block and not _on_every_process(not self.manager.is_saving_in_progress()):
+    if not block and not agreement.on_every_process(not self.manager.is_saving_in_progress()):
       return
     step, self._in_flight = self._in_flight, None
     error = self._quietly_wait()
@@ -346,7 +270,7 @@ class Checkpointer:
     if not committed and error is None:
       error = listing_error or ((self._orbax_errors.reason or "orbax ended the save without "
                                  "committing it") + " (the step was not committed)")
-    if _on_every_process(committed):
+    if agreement.on_every_process(committed):
       if error is not None:
         logging.warning("checkpoint step %d is complete in storage although a process reported "
                         "%s", step, error)
@@ -357,24 +281,31 @@ class Checkpointer:
   def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
     """Restore into `abstract_state`'s shapes and shardings (any mesh); the iterator in place."""
     step = self.manager.latest_step() if step is None else step
-    if jax.process_count() == 1:
-      restored = self._read(abstract_state, data_iterator, step)
-    else:   # the hosts agree on the outcome (see restore_latest_good)
-      restored, error = None, None
-      try:
-        restored = self._read(abstract_state, data_iterator, step)
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-      reports = self._reports(restored is not None)
-      if None in reports:
-        self._strand_on_restore(step, error, reports, set_aside=False)
-      if not all(reports):
-        if error is not None:
-          raise error
-        raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored "
-                              "on another host (its log says why)")
+    restored, error = self._agreed_read(abstract_state, data_iterator, step, tries=1,
+                                        set_aside=False)
+    if restored is None:
+      raise error or CheckpointError(f"checkpoint step {step} in {self.directory} cannot be "
+                                     "restored on another host (its log says why)")
     self._verify(restored, step)
     return restored["state"]
+
+  def _agreed_read(self, abstract_state: Any, data_iterator: Any, step: int, tries: int,
+                   set_aside: bool) -> tuple[dict[str, Any] | None, BaseException | None]:
+    """(the step's items, None) where it was read on every process, else (None, this
+    process's error or None); one that did not say stops the job (_strand_on_restore)."""
+    restored, error = None, None
+    for _ in range(tries):
+      try:
+        restored = self._read(abstract_state, data_iterator, step)
+        break
+      except ConfigError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    reports = self._reports(restored is not None)
+    if None in reports:
+      self._strand_on_restore(step, error, reports, set_aside)
+    return (restored, None) if all(reports) else (None, error)
 
   def _read(self, abstract_state: Any, data_iterator: Any, step: int) -> dict[str, Any]:
     """A step's items as orbax restores them (no collective of this module's own)."""
@@ -410,16 +341,7 @@ class Checkpointer:
     process does not list (its listing failed or is stale) is moved to STEP.unlisted by process
     0 and every process reads the directory again: the hosts' orbax managers must hold one
     list, or a later save of that step would fail on some of them only."""
-    steps = sorted(self.manager.all_steps())
-    if jax.process_count() == 1:
-      return steps
-    most = int(multihost_utils.process_allgather(jnp.asarray(len(steps))).max())
-    padded = np.full(max(most, 1), -1, np.int32)
-    padded[:len(steps)] = steps
-    listed = [set(row.tolist()) - {-1} for row in np.asarray(
-        multihost_utils.process_allgather(jnp.asarray(padded))).reshape(jax.process_count(), -1)]
-    common = sorted(set.intersection(*listed))
-    unlisted = sorted(set.union(*listed) - set(common))
+    common, unlisted = agreement.steps_on_every_process(self.manager.all_steps())
     if unlisted and set_aside:
       logging.warning("checkpoint steps %s in %s are not listed on every host: set aside as "
                       "STEP.unlisted (complete, perhaps; kept)", unlisted, self.directory)
@@ -437,19 +359,9 @@ class Checkpointer:
     the job's next start restores the one before."""
     failures, damaged = [], []
     for step in reversed(self.steps(set_aside)):
-      restored, error = None, None
-      for _ in range(2):   # a second try, so that a passing storage error is not damage
-        try:
-          restored = self._read(abstract_state, data_iterator, step)
-          break
-        except ConfigError:
-          raise
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
-      reports = self._reports(restored is not None)
-      if None in reports:
-        self._strand_on_restore(step, error, reports, set_aside)
-      if all(reports):
+      # A second try, so that a passing storage error is not damage.
+      restored, error = self._agreed_read(abstract_state, data_iterator, step, 2, set_aside)
+      if restored is not None:
         try:
           self._verify(restored, step)   # the same verdict on every host
           self._set_aside(damaged if set_aside else [])
@@ -466,7 +378,6 @@ class Checkpointer:
 
   def _strand_on_restore(self, step: int, error: BaseException | None,
                          reports: list[bool | None], set_aside: bool) -> None:
-    self._stranded = True
     silent = ", ".join(str(rank) for rank, ok in enumerate(reports) if ok is None)
     here = f"host {jax.process_index()}"
     if error is None:
@@ -486,7 +397,7 @@ class Checkpointer:
         what += f". It was moved to {moved}: the job's next start restores the one before it"
       else:
         what += ". It could not be moved aside: move it yourself, then run the job again"
-    raise _stop_the_job(
+    raise self._stop(
         f"checkpoint step {step} in {self.directory} {what}. The hosts no longer agree on the "
         "restore, and the job cannot go on.")
 
@@ -541,33 +452,3 @@ class Checkpointer:
     finally:
       std_logging.getLogger("absl").removeHandler(self._orbax_errors)
       self.manager.close()
-
-
-class PreemptionWatcher:
-  """Notices SIGTERM (and the TPU runtime's preemption notice on multi-host) so that the loop
-  can save and exit cleanly."""
-
-  def __init__(self, manager: ocp.CheckpointManager | None = None):
-    self._flag = threading.Event()
-    self._manager = manager
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-    else:
-      self._previous = None
-
-  def _on_signal(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
-    self._flag.set()
-
-  def preempted(self, step: int) -> bool:
-    if self._flag.is_set():
-      return True
-    if self._manager is not None and jax.process_count() > 1:
-      # All hosts agree on the step through JAX's preemption sync point.
-      return bool(self._manager.reached_preemption(step))
-    return False
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)

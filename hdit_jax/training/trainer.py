@@ -21,6 +21,7 @@ from hdit_jax.evaluation.evaluator import Evaluator
 from hdit_jax.sampling import batches, files
 from hdit_jax.training import checkpoint as ckpt_lib
 from hdit_jax.training import mesh as mesh_lib
+from hdit_jax.training import preemption
 from hdit_jax.training import metrics as metrics_lib
 from hdit_jax.training import state as state_lib
 from hdit_jax.training.export import ema_path, export_ema
@@ -137,7 +138,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   flops_per_step = metrics_lib.train_flops_per_image(forward_gmacs) * config.data.batch_size
   peak = metrics_lib.peak_flops(devices[0], training.get("peak_tflops", 0.0))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_host0)
-  watcher = ckpt_lib.PreemptionWatcher(checkpointer.manager)
+  watcher = preemption.PreemptionWatcher(checkpointer.manager)
   profile_start, profile_steps = training.profile_steps
   evaluator = (Evaluator(config, workdir, mesh, mesh_lib.BATCH_AXES)
                if config.evaluation.metric else None)

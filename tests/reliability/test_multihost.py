@@ -42,27 +42,36 @@ def free_port() -> int:
 def on_two_hosts(workdir: pathlib.Path, *args: str) -> list[str]:
   """Runs main on 2 processes of 4 devices each; returns their stdouts."""
   port = free_port()
-  flags = cli_xla_flags(devices=4)
-  procs = []
-  for rank in range(2):
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(rank))
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "hdit_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-         *[f"--config.training.{k}={v}" for k, v in OVERRIDES.items()], *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outputs = []
+  ran = _run_two_processes(
+      lambda rank: [sys.executable, "-m", "hdit_jax.main", f"--config={TINY}",
+                    f"--workdir={workdir}",
+                    *[f"--config.training.{k}={v}" for k, v in OVERRIDES.items()], *args],
+      dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2"),
+      f"`main {' '.join(args)}`", timeout=600)
+  for rank, (status, _, err) in enumerate(ran):
+    assert status == 0, f"process {rank}: {err[-3000:]}"
+  return [out for _, out, _ in ran]
+
+
+def _run_two_processes(command, env: dict[str, str], what: str,
+                       timeout: int) -> list[tuple[int, str, str]]:
+  """(exit status, stdout, stderr) of `command(rank)` run as JAX processes 0 and 1 at once, 4
+  CPU devices each; a process that outlives `timeout` fails the test."""
+  procs = [subprocess.Popen(
+      command(rank), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, XLA_FLAGS=cli_xla_flags(devices=4), JAX_PLATFORMS="cpu",
+               JAX_PROCESS_ID=str(rank), **env))
+           for rank in range(2)]
+  ran = []
   for rank, proc in enumerate(procs):
     try:
-      out, err = proc.communicate(timeout=600)
+      out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
       for p in procs:
         p.kill()
-      pytest.fail(f"process {rank} of `main {' '.join(args)}` hung")
-    assert proc.returncode == 0, f"process {rank}: {err[-3000:]}"
-    outputs.append(out)
-  return outputs
+      pytest.fail(f"process {rank} of {what} hung")
+    ran.append((proc.returncode, out, err))
+  return ran
 
 
 def test_two_processes_train_resume_sample_and_export_as_one(tmp_path):
@@ -115,22 +124,14 @@ def _checkpoints_on_two_hosts(directory: pathlib.Path, scenario: str,
   """Runs two_host_checkpoints.py on 2 processes; per host: its exit status, the stages it
   reported and its `error:` lines."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS=cli_xla_flags(devices=4), JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(
-      [sys.executable, str(pathlib.Path(__file__).parent / "two_host_checkpoints.py"),
-       str(directory), str(port), str(rank), scenario, str(failing)],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for rank in range(2)]
+  script = pathlib.Path(__file__).parent / "two_host_checkpoints.py"
+  ran = _run_two_processes(
+      lambda rank: [sys.executable, str(script), str(directory), str(port), str(rank), scenario,
+                    str(failing)], {}, f"scenario {scenario}", timeout=120)
   hosts = []
-  for rank, proc in enumerate(procs):
-    try:
-      out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      pytest.fail(f"process {rank} of scenario {scenario} hung")
+  for status, out, err in ran:
     assert "Traceback" not in err, err[-3000:]
-    hosts.append(dict(status=proc.returncode,
+    hosts.append(dict(status=status,
                       stages=[json.loads(line) for line in out.splitlines()
                               if line.startswith("{")],
                       errors=[line for line in err.splitlines() if line.startswith("error:")]))
