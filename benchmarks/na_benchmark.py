@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdit_kernels import neighborhood_attention as na
-from hdit_kernels.neighborhood_attention import pallas_gpu
+from hdit_kernels.neighborhood_attention import mosaic_gpu, pallas_gpu
 
 SHAPES = {  # name: (batch, height, width, heads, head_dim)
     "imagenet256_l0": (32, 64, 64, 6, 64),
@@ -69,12 +69,16 @@ def random_inputs(key, shape, dtype, count=1):
   return [tuple(make(keys[4 * i + j]) for j in range(4)) for i in range(count)]
 
 
-def check(configs, log) -> bool:
-  """pallas_gpu (each config) and xla vs the gather reference on this GPU: forward and grads."""
+def check(configs, mosaic_configs, log, dtypes=("float32", "bfloat16")) -> bool:
+  """pallas_gpu and mosaic_gpu (each config) and xla vs the gather reference on this GPU:
+  forward and grads. Cases a kernel does not support are logged as skipped."""
   cases = [((2, 64, 64, 6, 64), 7, 1), ((2, 32, 32, 12, 64), 7, 1), ((1, 256, 256, 2, 64), 7, 1),
-           ((3, 12, 17, 2, 16), 5, 1), ((2, 20, 18, 2, 32), 3, 2), ((1, 9, 9, 1, 8), 9, 1)]
+           ((3, 12, 17, 2, 16), 5, 1), ((2, 20, 18, 2, 32), 3, 2), ((1, 9, 9, 1, 8), 9, 1),
+           ((3, 16, 40, 2, 64), 7, 1), ((1, 24, 16, 3, 64), 3, 1), ((2, 16, 16, 2, 64), 9, 1),
+           ((1, 48, 32, 2, 64), 5, 2)]
   ok = True
-  for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)):
+  tolerances = {"float32": 2e-5, "bfloat16": 2e-2}
+  for dtype, tol in ((jnp.dtype(name), tolerances[name]) for name in dtypes):
     for shape, ks, dil in cases:
       inputs = random_inputs(jax.random.key(sum(shape)), shape, dtype)[0]
 
@@ -88,11 +92,22 @@ def check(configs, log) -> bool:
 
       with jax.default_matmul_precision("highest"):
         want = jax.jit(functools.partial(grads, reference))(*inputs)
-      impls = [("xla", None)] + [("pallas_gpu", c) for c in configs] + [(None, None)]
+      impls = ([("xla", None)] + [("pallas_gpu", c) for c in configs]
+               + [("mosaic_gpu", c) for c in mosaic_configs] + [(None, None)])
       for name, cfg in impls:
         fn = functools.partial(na.na2d, kernel_size=ks, dilation=dil, scale=1.0,
                                implementation=name, config=cfg)
-        got = jax.jit(functools.partial(grads, fn))(*inputs)
+        try:
+          got = jax.jit(functools.partial(grads, fn))(*inputs)
+        except NotImplementedError as e:
+          log(f"check {jnp.dtype(dtype).name:8s} {str(shape):22s} k{ks} d{dil} {name:10s} "
+              f"{cfg_name(cfg)} skipped: {e}")
+          continue
+        except Exception as e:  # pylint: disable=broad-except
+          log(f"check {jnp.dtype(dtype).name:8s} {str(shape):22s} k{ks} d{dil} {name:10s} "
+              f"{cfg_name(cfg)} FAILED: {type(e).__name__}: {str(e)[:600]}")
+          ok = False
+          continue
         errs = [rel_l2(g.astype(jnp.float32), w) for g, w in zip(got, want)]
         bad = not all(e <= tol for e in errs) or any(
             not np.isfinite(np.asarray(g, np.float32)).all() for g in got)
@@ -106,6 +121,8 @@ def check(configs, log) -> bool:
 def cfg_name(cfg) -> str:
   if cfg is None:
     return "-"
+  if isinstance(cfg, mosaic_gpu.Config):
+    return f"block_keys={cfg.block_keys}" if cfg.block_keys else "default"
   d = pallas_gpu.Config()
   short = {v: k for k, v in _SHORT.items()}
   diff = [f"{short[f.name]}={int(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
@@ -141,7 +158,7 @@ def copy_bandwidth() -> float:
   return 2 * x.nbytes / (ms * 1e-3)
 
 
-def benchmark(shapes, configs, bandwidth, log, baselines=True):
+def benchmark(shapes, configs, mosaic_configs, bandwidth, log, baselines=True):
   rows = []
   for shape_name in shapes:
     b, h, w, n, d = SHAPES[shape_name]
@@ -152,6 +169,10 @@ def benchmark(shapes, configs, bandwidth, log, baselines=True):
               lambda q, k, v, c=c: na.na2d(q, k, v, KERNEL, scale=1.0,
                                            implementation="pallas_gpu", config=c))
              for c in configs]
+    impls += [(f"mosaic_gpu[{cfg_name(c)}]",
+               lambda q, k, v, c=c: na.na2d(q, k, v, KERNEL, scale=1.0,
+                                            implementation="mosaic_gpu", config=c))
+              for c in mosaic_configs]
     if baselines:
       for method in ("halo", "offsets"):
         impls.append((f"xla ({method})", lambda q, k, v, c=na.xla.Config(forward=method): na.na2d(
@@ -208,9 +229,13 @@ def main(argv=None):
   parser.add_argument("--shapes", default=",".join(SHAPES))
   parser.add_argument("--variants", nargs="*", default=[""],
                       help="pallas_gpu configs, e.g. 'bh=8,bw=8,kr=4' ('' = defaults)")
+  parser.add_argument("--mosaic-block-keys", default="0",
+                      help="mosaic_gpu block_keys to check and time, comma-separated (0 = the "
+                           "default, '' = none)")
   parser.add_argument("--no-check", action="store_true")
+  parser.add_argument("--check-dtypes", default="float32,bfloat16")
   parser.add_argument("--no-baselines", action="store_true",
-                      help="time pallas_gpu only (not xla, the reference, cuDNN)")
+                      help="time pallas_gpu and mosaic_gpu only (not xla, the reference, cuDNN)")
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--tag", default="", help="suffix of the result files")
   args = parser.parse_args(argv)
@@ -225,12 +250,16 @@ def main(argv=None):
   device = jax.devices()[0].device_kind
   log(f"device {device}, jax {jax.__version__}")
   configs = [parse_variant(v) for v in args.variants]
-  if not args.no_check and not check(configs, log):
+  mosaic_configs = [mosaic_gpu.Config(block_keys=int(b))
+                    for b in args.mosaic_block_keys.split(",") if b]
+  if not args.no_check and not check(configs, mosaic_configs, log,
+                                     args.check_dtypes.split(",")):
     log("CHECK FAILED")
     sys.exit(1)
   bandwidth = copy_bandwidth()
   log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-  rows = benchmark(args.shapes.split(","), configs, bandwidth, log, not args.no_baselines)
+  rows = benchmark(args.shapes.split(","), configs, mosaic_configs, bandwidth, log,
+                   not args.no_baselines)
   stem = os.path.join(args.out, "na_benchmark_" + device.replace(" ", "_") + args.tag)
   with open(stem + ".json", "w") as f:
     json.dump(dict(device=device, jax=jax.__version__, copy_bandwidth=bandwidth, rows=rows), f,

@@ -6,11 +6,12 @@ from typing import Any
 import jax
 
 from hdit_kernels.neighborhood_attention import dilation as dilation_lib
-from hdit_kernels.neighborhood_attention import pallas_gpu, pallas_tpu, windows, xla
+from hdit_kernels.neighborhood_attention import mosaic_gpu, pallas_gpu, pallas_tpu, windows, xla
 
-IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu", "mosaic_gpu")
 
-_MODULES = {"xla": xla, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
+_MODULES = {"xla": xla, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu,
+            "mosaic_gpu": mosaic_gpu}
 
 
 def default_implementation(backend: str | None = None) -> str:
@@ -24,8 +25,16 @@ def _unsupported(name: str, q: jax.Array, kernel_size: int, dilation: int,
   """Why implementation `name` cannot run this case, or None."""
   if name == "xla":
     return None
-  group_shape = (q.shape[0], -(-q.shape[1] // dilation), -(-q.shape[2] // dilation)) + q.shape[3:]
-  return _MODULES[name].unsupported(group_shape, q.dtype, kernel_size, config)
+  # Dilation groups have ceil(L / dilation) or floor(L / dilation) positions per axis: every
+  # size the kernel will see must pass.
+  lengths = lambda n: sorted({-(-n // dilation), n // dilation})
+  for height in lengths(q.shape[1]):
+    for width in lengths(q.shape[2]):
+      group_shape = (q.shape[0], height, width) + q.shape[3:]
+      reason = _MODULES[name].unsupported(group_shape, q.dtype, kernel_size, config)
+      if reason is not None:
+        return f"dilation group {height} x {width}: {reason}" if dilation > 1 else reason
+  return None
 
 
 def na2d(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int, dilation: int = 1, *,
@@ -44,8 +53,9 @@ def na2d(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int, dilation: i
     dilation: dilation of the window (>= 1).
     scale: multiplies the logits (default head_dim**-0.5; HDiT passes 1.0).
     implementation: 'xla' (portable jnp, halo-tiled), 'pallas_tpu' (Mosaic), 'pallas_gpu'
-      (Triton), or None: the kernel of the current backend where it supports the case,
-      otherwise 'xla'. A named kernel that cannot run the case raises NotImplementedError.
+      (Triton), 'mosaic_gpu' (Pallas Mosaic GPU, Hopper), or None: the kernel of the current
+      backend where it supports the case, otherwise 'xla'. A named kernel that cannot run the
+      case raises NotImplementedError.
     config: the named implementation's Config of block sizes (None, or implementation None:
       its defaults for the backend).
     interpret: run a Pallas kernel in interpret mode (for tests on the CPU); without it a

@@ -3,9 +3,11 @@
 An implementation supplies
   forward(q, k, v, kernel_size, scale, config) -> (out, lse)
   backward(q, k, v, out, lse, dout, kernel_size, scale, config) -> (dq, dk, dv)
-with q, k, v, out, dout of shape (batch, height, width, heads, head_dim) and lse, the float32
-log-sum-exp of each query's scaled logits, of shape (batch, height, width, heads). Dilation is
-handled outside (see dilation.py), so both see dilation 1.
+with q, k, v, out, dout of shape (batch, height, width, heads, head_dim) and lse a float32
+log-sum-exp of each query's scaled logits whose base and layout the implementation chooses
+(natural log, (batch, height, width, heads) for most; base 2, (batch, heads, height, width) for
+mosaic_gpu): only its own backward reads it. Dilation is handled outside (see dilation.py), so
+both see dilation 1.
 """
 
 import functools

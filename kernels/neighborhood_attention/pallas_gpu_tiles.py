@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hdit_kernels.neighborhood_attention.windows import attending_range, window_start
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -20,11 +22,6 @@ LN2 = math.log(2.0)
 def padded_dim(head_dim: int) -> int:
   """tl.dot wants power-of-two dims >= 16: smaller or odd head dims are zero-padded."""
   return max(16, pl.next_power_of_2(head_dim))
-
-
-def window_start(pos, length: int, kernel_size: int):
-  """NATTEN's window start (dilation 1): centred, shifted inward at the borders."""
-  return jnp.clip(pos - kernel_size // 2, 0, length - kernel_size)
 
 
 def split(idx, cols: int):
@@ -92,19 +89,6 @@ def key_halo_loop(r0, c0, geo, cfg, body, init):
   col0 = window_start(c0, width, ks)
   col1 = window_start(jnp.minimum(c0 + cfg.block_w - 1, width - 1), width, ks) + ks
   return _block_loop(row0, row1, col0, col1, kr, kc, height, width, body, init)
-
-
-def attending_range(x0, x1, length: int, kernel_size: int):
-  """[lo, hi) of the queries whose window (one axis) meets keys [x0, x1], x0 <= x1 < length.
-
-  Closed forms of NATTEN's inverse neighborhood: start(i) = clip(i - k//2, 0, L - k) is
-  non-decreasing, so the queries form the range from the first i with start(i) + k - 1 >= x0 to
-  the last i with start(i) <= x1.
-  """
-  ks = kernel_size
-  lo = jnp.where(x0 - ks + 1 <= 0, 0, x0 - ks + 1 + ks // 2)
-  hi = jnp.where(x1 >= length - ks, length - 1, x1 + ks // 2) + 1
-  return lo, hi
 
 
 def query_halo_loop(r0, c0, geo, cfg, body, init):

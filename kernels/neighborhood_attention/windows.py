@@ -1,5 +1,6 @@
 """NATTEN's window rule: which keys each query position attends to, per spatial axis."""
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -35,3 +36,22 @@ def window_indices(length: int, kernel_size: int, dilation: int = 1) -> np.ndarr
   """Key indices of every query's window, shape (length, kernel_size), int32."""
   starts = window_starts(length, kernel_size, dilation)
   return starts[:, None] + dilation * np.arange(kernel_size, dtype=np.int32)[None, :]
+
+
+def window_start(pos, length: int, kernel_size: int):
+  """Traceable window start (dilation 1) of query position(s) `pos`: centred, shifted inward at
+  the borders."""
+  return jnp.clip(pos - kernel_size // 2, 0, length - kernel_size)
+
+
+def attending_range(x0, x1, length: int, kernel_size: int):
+  """[lo, hi) of the queries whose window (one axis) meets keys [x0, x1], x0 <= x1 < length.
+
+  Closed forms of NATTEN's inverse neighborhood: start(i) = clip(i - k//2, 0, L - k) is
+  non-decreasing, so the queries form the range from the first i with start(i) + k - 1 >= x0 to
+  the last i with start(i) <= x1.
+  """
+  ks = kernel_size
+  lo = jnp.where(x0 - ks + 1 <= 0, 0, x0 - ks + 1 + ks // 2)
+  hi = jnp.where(x1 >= length - ks, length - 1, x1 + ks // 2) + 1
+  return lo, hi

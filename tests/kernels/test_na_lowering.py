@@ -1,6 +1,7 @@
 """Every Pallas kernel (forward and backward) lowers at HDiT's real shapes, from the CPU.
 
-jax.export runs the Pallas -> Mosaic (TPU) and Pallas -> Triton (CUDA) lowerings: this catches bad
+jax.export runs the Pallas -> Mosaic (TPU), Pallas -> Triton (CUDA) and Pallas -> Mosaic GPU
+(CUDA) lowerings: this catches bad
 block shapes and unsupported primitives, not what only the device compiler sees (VMEM size,
 layouts, register pressure). Batch 1 stands for the real batches: it changes only the grid.
 """
@@ -25,6 +26,7 @@ HDIT_GLOBAL_SHAPES = {"imagenet256_l2": (1, 256, 24, 64), "ffhq1024_l3": (1, 102
                       "ffhq1024_l4": (1, 256, 16, 64)}
 DTYPES = [jnp.bfloat16, jnp.float32]
 _TRITON_CALL = "__gpu$xla.gpu.triton"
+_MOSAIC_GPU_CALL = "mosaic_gpu_v2"
 
 
 def fwd_bwd(attention):
@@ -78,6 +80,34 @@ def test_na_pallas_gpu_unfused_backward_lowers(dtype):
                     HDIT_NA_SHAPES["imagenet256_l0"], dtype, "cuda",
                     disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])
   assert exported.mlir_module().count(f"@{_TRITON_CALL}(") == 3
+
+
+def mosaic_gpu_calls(shape, kernel_size, dilation=1, config=None):
+  exported = export(fwd_bwd(lambda q, k, v: na.na2d(q, k, v, kernel_size, dilation, scale=1.0,
+                                                     implementation="mosaic_gpu",
+                                                     config=config)),
+                    shape, jnp.bfloat16, "cuda")
+  return exported.mlir_module().count(f"@{_MOSAIC_GPU_CALL}(")
+
+
+@pytest.mark.gpu_lowering
+@pytest.mark.parametrize("level", HDIT_NA_SHAPES)
+def test_na_mosaic_gpu_lowers(level):
+  shape = HDIT_NA_SHAPES[level]
+  assert na.mosaic_gpu.unsupported(shape, jnp.bfloat16, 7, None) is None
+  assert mosaic_gpu_calls(shape, 7) == 3   # forward, dq (with D), dk/dv
+
+
+@pytest.mark.gpu_lowering
+@pytest.mark.parametrize("shape, kernel_size, dilation, block_keys", [
+    ((2, 16, 40, 2, 64), 7, 1, 192),   # non-square, the 384-key halo in two blocks
+    ((1, 24, 16, 3, 64), 3, 1, 64),    # small window, 64-key blocks
+    ((1, 16, 16, 1, 64), 9, 1, 128),   # the largest window, map = halo
+    ((3, 48, 32, 2, 64), 5, 2, 128),   # dilation: two 24 x 16 groups per axis
+])
+def test_na_mosaic_gpu_lowers_edge_cases(shape, kernel_size, dilation, block_keys):
+  config = na.mosaic_gpu.Config(block_keys=block_keys)
+  assert mosaic_gpu_calls(shape, kernel_size, dilation, config) == 3
 
 
 @pytest.mark.tpu_lowering

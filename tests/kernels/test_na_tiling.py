@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdit_kernels.neighborhood_attention import dilation, pallas_common, pallas_gpu_tiles, tiling
+from hdit_kernels.neighborhood_attention import dilation, pallas_common, tiling
 from hdit_kernels.neighborhood_attention import windows
 
 
@@ -43,8 +43,7 @@ def test_gpu_inverse_neighborhood_closed_form():
       seen = attends(length, kernel_size)
       x0, x1 = np.meshgrid(np.arange(length), np.arange(length), indexing="ij")
       x0, x1 = x0[x0 <= x1], x1[x0 <= x1]
-      lo, hi = pallas_gpu_tiles.attending_range(jnp.asarray(x0), jnp.asarray(x1), length,
-                                                kernel_size)
+      lo, hi = windows.attending_range(jnp.asarray(x0), jnp.asarray(x1), length, kernel_size)
       for a, b, l, h in zip(x0, x1, np.asarray(lo), np.asarray(hi)):
         queries = np.flatnonzero(seen[:, a:b + 1].any(axis=1))
         assert (queries.min(), queries.max() + 1) == (l, h), (length, kernel_size, a, b)

@@ -1,6 +1,7 @@
 """Neighborhood attention: NATTEN parity, a brute-force float64 reference, gradients, errors.
 
-Every implementation runs here; the Pallas kernels in interpret mode (CPU).
+Every implementation that runs on CPU runs here, the Pallas kernels in interpret mode; Mosaic GPU
+kernels have no interpret mode (test_na_mosaic_gpu.py and test_na_lowering.py cover them).
 """
 
 import jax
@@ -11,8 +12,8 @@ import pytest
 from conftest import rel_l2
 from hdit_kernels import neighborhood_attention as na
 
-IMPLEMENTATIONS = na.IMPLEMENTATIONS
 PALLAS = ("pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("xla",) + PALLAS
 
 
 def run_na(q, k, v, kernel_size, dilation=1, *, scale=None, implementation):
@@ -219,6 +220,14 @@ def test_named_kernel_off_its_platform_fails_loudly(implementation):
   q, k, v = random_qkv(jax.random.key(0), (1, 8, 8, 1, 8))
   with pytest.raises(ValueError, match="interpret"):   # Pallas: interpret mode only on CPU
     na.na2d(q, k, v, 3, implementation=implementation)
+
+
+def test_mosaic_gpu_off_its_platform_fails_loudly():
+  q, k, v = random_qkv(jax.random.key(0), (1, 16, 16, 1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="interpret"):
+    na.na2d(q, k, v, 3, implementation="mosaic_gpu")
+  with pytest.raises(NotImplementedError, match="interpret"):
+    na.na2d(q, k, v, 3, implementation="mosaic_gpu", interpret=True)
 
 
 def test_unsupported_case_raises_when_named_and_falls_back_when_not(monkeypatch):
