@@ -13,6 +13,7 @@ host, for every tile of a map, that the clamped halo holds what is needed.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -74,6 +75,7 @@ class Geometry:
     col_lo, _ = attending_range(c0, c0 + TILE - 1, self.width, ks)
     return self._halo_origin(row_lo, col_lo)
 
+  @functools.cache   # asked by the dispatcher and by each kernel, for every call traced
   def covers(self) -> str | None:
     """Why the clamped halos would miss a needed token on this map, or None (host check)."""
     with jax.ensure_compile_time_eval():  # concrete even when called under a trace
@@ -99,12 +101,11 @@ class Geometry:
       }
       for kind, (rows, cols, origin) in needed.items():
         hr, hc = (int(x) for x in origin)
-        if not (0 <= hr <= rows[0] and rows[1] <= hr + self.halo_rows and 0 <= hc <= cols[0]
-                and cols[1] <= hc + self.halo_cols):
-          axis = "rows" if not (0 <= hr <= rows[0] and rows[1] <= hr + self.halo_rows) else (
-              "columns")
-          return (f"the {kind} halo of the tile at ({r0}, {c0}) misses {axis} (kernel_size {ks}"
-                  f" too large for {self.halo_rows} x {self.halo_cols} halos on this map)")
+        for axis, (lo, hi), start, span in (("rows", rows, hr, self.halo_rows),
+                                            ("columns", cols, hc, self.halo_cols)):
+          if not 0 <= start <= lo <= hi <= start + span:
+            return (f"the {kind} halo of the tile at ({r0}, {c0}) misses {axis} (kernel_size "
+                    f"{ks} too large for {self.halo_rows} x {self.halo_cols} halos on this map)")
     return None
 
 

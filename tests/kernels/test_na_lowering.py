@@ -1,9 +1,8 @@
 """Every Pallas kernel (forward and backward) lowers at HDiT's real shapes, from the CPU.
 
 jax.export runs the Pallas -> Mosaic (TPU), Pallas -> Triton (CUDA) and Pallas -> Mosaic GPU
-(CUDA) lowerings: this catches bad
-block shapes and unsupported primitives, not what only the device compiler sees (VMEM size,
-layouts, register pressure). Batch 1 stands for the real batches: it changes only the grid.
+(CUDA) lowerings: this catches bad block shapes and unsupported primitives, not what only the
+device compiler sees (VMEM size, layouts, register pressure). Batch 1 stands for the real batches: it changes only the grid.
 """
 
 import jax
