@@ -6,12 +6,17 @@ Run on a CUDA machine from the repository root (the package need not be installe
   PYTHONPATH=/tmp/pp:$PWD python benchmarks/na_benchmark.py --out benchmarks/results
 
 For every HDiT shape (kernel 7, bf16) it times forward and forward+backward (jax.vjp, the
-cotangent applied) of each implementation (pallas_gpu and its variants, xla with either forward,
-the gather reference) and of cuDNN dense attention over the same tokens, and prints ms, useful
+cotangent applied) of each implementation (pallas_gpu and mosaic_gpu with their variants, xla
+with either forward, the gather reference) and of cuDNN dense attention over the same tokens,
+after checking them against the reference, and prints ms, useful
 TFLOP/s (4 B heads H W k^2 d / t; x2.5 for forward+backward) and the ratio to the HBM floor:
 q, k, v, o read or written once forward (4 tensors), plus q, k, v, o, dO read and dq, dk, dv
 written backward (12 in all), at the device copy bandwidth measured here. Results (markdown,
-json, log) go to --out, named after the device.
+json, log) go to --out, named after the device. With --mosaic-kernels it times each Mosaic GPU
+kernel (forward, dq, dk/dv) on its own instead, for every --mosaic-variants config:
+
+  PYTHONPATH=/tmp/pp:$PWD python benchmarks/na_benchmark.py --mosaic-kernels \
+      --mosaic-variants "" slots=0 slots=2,block_keys=64 tile_rows=8
 """
 
 import argparse
@@ -28,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdit_kernels import neighborhood_attention as na
-from hdit_kernels.neighborhood_attention import mosaic_gpu, pallas_gpu
+from hdit_kernels.neighborhood_attention import mosaic_gpu, mosaic_gpu_backward, pallas_gpu
 
 SHAPES = {  # name: (batch, height, width, heads, head_dim)
     "imagenet256_l0": (32, 64, 64, 6, 64),
@@ -58,6 +63,12 @@ def parse_variant(text: str) -> pallas_gpu.Config:
   return pallas_gpu.Config(**kw)
 
 
+def parse_mosaic_variant(text: str) -> mosaic_gpu.Config:
+  """'block_keys=128,tile_rows=4,slots=2' -> Config ('' -> defaults)."""
+  fields = dict(item.split("=") for item in text.split(",") if item)
+  return mosaic_gpu.Config(**{name: int(value) for name, value in fields.items()})
+
+
 def rel_l2(got, ref) -> float:
   got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
   return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
@@ -75,7 +86,7 @@ def check(configs, mosaic_configs, log, dtypes=("float32", "bfloat16")) -> bool:
   cases = [((2, 64, 64, 6, 64), 7, 1), ((2, 32, 32, 12, 64), 7, 1), ((1, 256, 256, 2, 64), 7, 1),
            ((3, 12, 17, 2, 16), 5, 1), ((2, 20, 18, 2, 32), 3, 2), ((1, 9, 9, 1, 8), 9, 1),
            ((3, 16, 40, 2, 64), 7, 1), ((1, 24, 16, 3, 64), 3, 1), ((2, 16, 16, 2, 64), 9, 1),
-           ((1, 48, 32, 2, 64), 5, 2)]
+           ((1, 48, 32, 2, 64), 5, 2), ((1, 64, 64, 2, 64), 11, 1), ((2, 32, 32, 4, 64), 9, 1)]
   ok = True
   tolerances = {"float32": 2e-5, "bfloat16": 2e-2}
   for dtype, tol in ((jnp.dtype(name), tolerances[name]) for name in dtypes):
@@ -122,7 +133,9 @@ def cfg_name(cfg) -> str:
   if cfg is None:
     return "-"
   if isinstance(cfg, mosaic_gpu.Config):
-    return f"block_keys={cfg.block_keys}" if cfg.block_keys else "default"
+    diff = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(mosaic_gpu.Config(), f.name)]
+    return ",".join(diff) or "default"
   d = pallas_gpu.Config()
   short = {v: k for k, v in _SHORT.items()}
   diff = [f"{short[f.name]}={int(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
@@ -156,6 +169,42 @@ def copy_bandwidth() -> float:
   fn = jax.jit(lambda x: x + jnp.bfloat16(1))
   ms = time_ms(fn, [(x,)], batches=9)
   return 2 * x.nbytes / (ms * 1e-3)
+
+
+def mosaic_kernel_times(shapes, mosaic_configs, log) -> None:
+  """Each Mosaic GPU kernel (forward, dq with D, dk/dv) timed on its own, with its SMEM and
+  the largest relative difference of its outputs from the first config's."""
+  for shape_name in shapes:
+    shape = SHAPES[shape_name]
+    sets = random_inputs(jax.random.key(0), shape, jnp.bfloat16, count=3)
+    q, k, v, ct = sets[0]
+    first = None
+    for cfg in mosaic_configs:
+      reason = mosaic_gpu.unsupported(shape, jnp.bfloat16, KERNEL, cfg)
+      if reason:
+        log(f"kernels {shape_name} mosaic_gpu[{cfg_name(cfg)}] skipped: {reason}")
+        continue
+      geo = mosaic_gpu.geometry(shape, KERNEL, cfg)
+      streams = cfg.streams(geo)
+      fwd = jax.jit(lambda q, k, v, c=cfg: mosaic_gpu.forward(q, k, v, KERNEL, 1.0, c))
+      dq = jax.jit(lambda q, k, v, o, l, do, s=streams["dq"], g=geo:
+                   mosaic_gpu_backward.dq_and_delta(q, k, v, o, l, do, g, s, 1.0))
+      dkv = jax.jit(lambda q, k, v, do, l, dl, s=streams["dk/dv"], g=geo:
+                    mosaic_gpu_backward.dk_dv(q, k, v, do, l, dl, g, s, 1.0))
+      out, lse = fwd(q, k, v)
+      dq_, delta = dq(q, k, v, out, lse, ct)
+      outputs = (out, dq_) + tuple(dkv(q, k, v, ct, lse, delta))
+      first = first or outputs
+      diff = max(rel_l2(a, b) for a, b in zip(outputs, first))
+      times = (time_ms(lambda q, k, v, ct: fwd(q, k, v), sets),
+               time_ms(lambda q, k, v, ct: dq(q, k, v, out, lse, ct), sets),
+               time_ms(lambda q, k, v, ct: dkv(q, k, v, ct, lse, delta), sets))
+      smem = mosaic_gpu.smem_bytes(geo, cfg, shape[-1], 2)
+      log(f"kernels {shape_name} mosaic_gpu[{cfg_name(cfg)}] tile {geo.tile_rows}x"
+          f"{geo.tile_cols}, halos {tuple(geo.key_halo)} / {tuple(geo.query_halo)}, SMEM KiB "
+          f"{' / '.join(f'{b / 1024:.0f}' for b in smem.values())}: forward {times[0]:.3f}, dq "
+          f"{times[1]:.3f}, dk/dv {times[2]:.3f}, sum {sum(times):.3f} ms; outputs vs the "
+          f"first config {diff:.0e}")
 
 
 def benchmark(shapes, configs, mosaic_configs, bandwidth, log, baselines=True):
@@ -229,9 +278,11 @@ def main(argv=None):
   parser.add_argument("--shapes", default=",".join(SHAPES))
   parser.add_argument("--variants", nargs="*", default=[""],
                       help="pallas_gpu configs, e.g. 'bh=8,bw=8,kr=4' ('' = defaults)")
-  parser.add_argument("--mosaic-block-keys", default="0",
-                      help="mosaic_gpu block_keys to check and time, comma-separated (0 = the "
-                           "default, '' = none)")
+  parser.add_argument("--mosaic-variants", nargs="*", default=[""],
+                      help="mosaic_gpu configs to check and time, e.g. 'slots=1,block_keys=128' "
+                           "('' = defaults; none given = none)")
+  parser.add_argument("--mosaic-kernels", action="store_true",
+                      help="only time each mosaic_gpu kernel on its own, per variant")
   parser.add_argument("--no-check", action="store_true")
   parser.add_argument("--check-dtypes", default="float32,bfloat16")
   parser.add_argument("--no-baselines", action="store_true",
@@ -250,8 +301,10 @@ def main(argv=None):
   device = jax.devices()[0].device_kind
   log(f"device {device}, jax {jax.__version__}")
   configs = [parse_variant(v) for v in args.variants]
-  mosaic_configs = [mosaic_gpu.Config(block_keys=int(b))
-                    for b in args.mosaic_block_keys.split(",") if b]
+  mosaic_configs = [parse_mosaic_variant(v) for v in args.mosaic_variants]
+  if args.mosaic_kernels:
+    mosaic_kernel_times(args.shapes.split(","), mosaic_configs, log)
+    return
   if not args.no_check and not check(configs, mosaic_configs, log,
                                      args.check_dtypes.split(",")):
     log("CHECK FAILED")

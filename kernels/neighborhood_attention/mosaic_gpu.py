@@ -1,28 +1,31 @@
 """Neighborhood attention on Hopper GPUs: Pallas Mosaic GPU forward and backward kernels.
 
 Design (figures and versions in benchmarks/NOTES.md):
-* One program (one warpgroup) per (8 x 8 query tile, head, batch); tiles vary fastest, so the
-  programs running together share their halos in L2.
-* TMA brings the tile and its key halo (16 x 24 keys, 7.8x the 49 useful for k = 7; see
-  mosaic_gpu_tiles.py) from the native (B, H, W, heads, dim) layout into swizzled SMEM, with
-  separate barriers for q, k and v so that q k^T starts before v has landed; no index gathers.
-* The halo is walked in blocks of `block_keys` keys: wgmma q k^T, NATTEN's window as a mask on
-  the scores, online softmax in base 2, wgmma p v with p from registers.
+* One program (one warpgroup) per (64-token query tile, head, batch): 4 x 16 or 8 x 8 tokens,
+  whichever gives the smaller halos (mosaic_gpu_tiles.py; 4 x 16 at HDiT's levels). Tiles vary
+  fastest, so the programs running together share halos in L2.
+* TMA brings the tile and its key halo (10 x 32 keys for 4 x 16 tiles at k = 7, 6.5x the 49
+  useful: columns start on multiples of 8) from the native (B, H, W, heads, dim) layout into
+  swizzled SMEM; no index gathers. Steps of whole halo rows each land on their own barrier, so
+  a step starts when its rows have landed (one barrier for the halo where steps cut rows).
+* The halo is walked in steps: wgmma q k^T, NATTEN's window as a mask on the scores, online
+  softmax in base 2, wgmma p v with p from registers. A kernel whose resident halo would leave
+  room for one program per SM streams it through two step-sized buffers instead (the dk/dv
+  kernel at HDiT's shapes, 128-token steps; Config).
 * The log-sum-exp of the base-2 logits is saved (B, heads, H, W), float32, for the backward
   (mosaic_gpu_backward.py).
 
 Supported: bfloat16 / float16, head_dim 64 (HDiT's), maps whose sides are multiples of 8 and at
-least 16, windows whose halos fit 16 rows (k <= 7 everywhere; k = 9 only on maps 16 high, where
-the query halo of an inner tile would need 20 rows); `unsupported` says why for other cases,
-which go to another kernel.
+least 16, windows whose halos fit in SMEM (k up to 13 and beyond on large maps); `unsupported`
+says why for other cases, which go to another kernel.
 """
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hdit_kernels.neighborhood_attention import autodiff
@@ -30,22 +33,95 @@ from hdit_kernels.neighborhood_attention import mosaic_gpu_backward as backward_
 from hdit_kernels.neighborhood_attention import mosaic_gpu_tiles as tiles
 
 
+# H100 / H200: 227 KiB of shared memory per block, 228 KiB per SM with 1 KiB reserved per block.
+SMEM_BYTES = 227 * 1024
+TWO_PER_SM_BYTES = 113 * 1024
+KERNELS = ("forward", "dq", "dk/dv")
+# Per kernel: the (64, d) tiles it holds besides its two halo buffers (k, v or q, dO).
+_TILES = {"forward": 1, "dq": 3, "dk/dv": 2}
+
+
+def kernel_smem_bytes(kernel: str, stream: tiles.Stream, head_dim: int, itemsize: int) -> int:
+  """Shared memory of a kernel's scratch: its tiles, its two halo buffers (each
+  stream.buffer_tokens) and float32 statistics, each buffer aligned to 1 KiB as Pallas
+  allocates them."""
+  aligned = lambda size: -(-size // 1024) * 1024
+  matrix = lambda tokens: aligned(tokens * head_dim * itemsize)
+  stats = {"forward": aligned(4 * tiles.TILE_TOKENS),
+           "dq": 2 * aligned(4 * tiles.TILE_TOKENS),
+           "dk/dv": 2 * aligned(4 * stream.buffer_tokens)}[kernel]
+  return _TILES[kernel] * matrix(tiles.TILE_TOKENS) + 2 * matrix(stream.buffer_tokens) + stats
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Attributes:
-    block_keys: keys (or, in the dk/dv kernel, queries) per step through a halo of 384 (256 on
-      maps 16 wide): a multiple of 64 (wgmma's contraction) of at most 256 (wgmma's width) that
-      divides the halo; 0 picks 192 (384-token halos) or 128.
+    block_keys: halo tokens (keys; queries in the dk/dv kernel) per step, the last step taking
+      the rest: a multiple of 64 (wgmma's contraction) of at most 256 (wgmma's width).
+    slots: 0 keeps a halo resident in SMEM; n > 0 streams it through n step-sized buffers
+      (tiles.Stream; steps must be whole halo rows).
+      With neither given, each kernel keeps its halo resident in steps of at most 192 tokens,
+      unless that leaves room for only one program per SM: then it streams it through two
+      buffers of steps of whole halo rows (128 tokens on 32-column halos), where that takes
+      less SMEM (the dk/dv kernel at HDiT's shapes: 0.63 -> 0.45 ms at ImageNet level 0 on an
+      H200).
+    tile_rows: 8 (8 x 8 tiles) or 4 (4 x 16); 0 takes the shape with the smaller halos.
     interpret: Mosaic GPU kernels have no CPU interpret mode here; a config asking for it is
       unsupported, so tests lower these kernels (jax.export) instead of running them.
   """
   block_keys: int = 0
+  slots: int | None = None
+  tile_rows: int = 0
   interpret: bool = False
 
-  def block(self, geo: tiles.Geometry) -> int:
-    if self.block_keys:
-      return self.block_keys
-    return 192 if geo.halo_tokens % 192 == 0 else 128
+  def stream(self, halo: tiles.Halo, kernel: str, head_dim: int = 64,
+             itemsize: int = 2) -> tiles.Stream:
+    """How `kernel` walks `halo`."""
+    if self.block_keys or self.slots is not None:
+      block = self.block_keys or _balanced_block(halo.tokens)
+      return tiles.Stream(halo, tiles.blocks(halo.tokens, block), self.slots or 0)
+    resident = tiles.Stream(halo, tiles.blocks(halo.tokens, _balanced_block(halo.tokens)))
+    used = kernel_smem_bytes(kernel, resident, head_dim, itemsize)
+    step = _row_step(halo)
+    if used <= TWO_PER_SM_BYTES or step is None:
+      return resident
+    streamed = tiles.Stream(halo, tiles.blocks(halo.tokens, step), slots=2)
+    smaller = kernel_smem_bytes(kernel, streamed, head_dim, itemsize) < used
+    return streamed if smaller else resident
+
+  def streams(self, geo: tiles.Geometry, head_dim: int = 64,
+              itemsize: int = 2) -> dict[str, tiles.Stream]:
+    """Each kernel's walk through its halo (key halos for forward and dq, query halos for
+    dk/dv)."""
+    return {kernel: self.stream(geo.query_halo if kernel == "dk/dv" else geo.key_halo, kernel,
+                                head_dim, itemsize) for kernel in KERNELS}
+
+
+def _row_step(halo: tiles.Halo) -> int | None:
+  """The smallest step of at least 128 tokens that is whole halo rows and a multiple of 64 (at
+  most 256), or None."""
+  unit = math.lcm(64, halo.cols)
+  step = -(-128 // unit) * unit
+  return step if step <= 256 else None
+
+
+def _balanced_block(tokens: int) -> int:
+  """Steps of at most 192 tokens, as few and as even as multiples of 64 allow."""
+  steps = -(-tokens // 192)
+  return -(-tokens // steps // 64) * 64
+
+
+def smem_bytes(geo: tiles.Geometry, config: Config, head_dim: int,
+               itemsize: int) -> dict[str, int]:
+  """Shared memory of each kernel."""
+  streams = config.streams(geo, head_dim, itemsize)
+  return {kernel: kernel_smem_bytes(kernel, streams[kernel], head_dim, itemsize)
+          for kernel in KERNELS}
+
+
+def geometry(shape, kernel_size: int, config: Config | None = None) -> tiles.Geometry:
+  """The tiling of a (B, H, W, heads, dim) call; ValueError says why there is none."""
+  return tiles.Geometry.choose(shape[1], shape[2], kernel_size, (config or Config()).tile_rows)
 
 
 def unsupported(shape, dtype, kernel_size: int, config: Config | None) -> str | None:
@@ -57,60 +133,85 @@ def unsupported(shape, dtype, kernel_size: int, config: Config | None) -> str | 
     return f"dtype {jnp.dtype(dtype)} (wgmma takes bfloat16 or float16)"
   if shape[-1] != 64:
     return f"head_dim {shape[-1]} (64 only)"
-  if kernel_size + tiles.TILE - 1 > tiles.HALO_ROWS:
-    return f"kernel_size {kernel_size} > {tiles.HALO_ROWS - tiles.TILE + 1}"
-  geo = tiles.Geometry(shape[1], shape[2], kernel_size)
-  reason = geo.covers()
-  block = config.block(geo)
-  if reason is None and (block % 64 or block > 256 or geo.halo_tokens % block):
-    reason = (f"block_keys {block} (a multiple of 64, at most 256, dividing the halo's "
-              f"{geo.halo_tokens} tokens)")
-  return reason
+  try:
+    geo = geometry(shape, kernel_size, config)
+  except ValueError as e:
+    return str(e)
+  if (reason := geo.covers()) is not None:
+    return reason
+  block = config.block_keys
+  if block and (block % 64 or block > 256):
+    return f"block_keys {block} (a multiple of 64, at most 256)"
+  if config.slots is not None and config.slots < 0:
+    return f"slots {config.slots} (0, or the number of step buffers)"
+  try:
+    config.streams(geo, shape[-1], jnp.dtype(dtype).itemsize)
+  except ValueError as e:   # slots over steps that cut halo rows
+    return str(e)
+  for kernel, used in smem_bytes(geo, config, shape[-1], jnp.dtype(dtype).itemsize).items():
+    if used > SMEM_BYTES:
+      kind, halo = ("query", geo.query_halo) if kernel == "dk/dv" else ("key", geo.key_halo)
+      return (f"kernel_size {kernel_size}: the {kernel} kernel with its {halo.rows} x "
+              f"{halo.cols} {kind} halo needs {used / 1024:.0f} KiB of shared memory "
+              f"(at most {SMEM_BYTES // 1024})")
+  return None
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_bar,
-                k_bar, v_bar, *, geo, block, scale):
+                k_bars, v_bars, *, geo, stream, scale):
   tile, h, b = tiles.grid_axes()
   r0, c0 = geo.tile_origin(tile)
   k_origin = geo.key_halo_origin(r0, c0)
-  tiles.copy_tile_in(q_ref, b, r0, c0, h, q_smem, tiles.single(q_bar))
-  tiles.copy_halo_in(k_ref, b, *k_origin, h, k_smem, tiles.single(k_bar), geo)
-  tiles.copy_halo_in(v_ref, b, *k_origin, h, v_smem, tiles.single(v_bar), geo)
-  plgpu.barrier_wait(tiles.single(q_bar))
-  plgpu.barrier_wait(tiles.single(k_bar))
 
-  shape = (tiles.TILE ** 2, block)
-  acc = tiles.zeros((tiles.TILE ** 2, q_ref.shape[-1]))
-  m = tiles.full_vector(tiles.TILE ** 2, -jnp.inf)
-  l = tiles.full_vector(tiles.TILE ** 2, 0.0)
-  for i in range(geo.halo_tokens // block):
-    keys = pl.ds(i * block, block)
-    s = tiles.scores(q_smem, k_smem.at[keys], shape) * (scale * tiles.LOG2E)
-    mask = tiles.window_mask(shape, geo, 0, (r0, c0), tiles.TILE, 0, k_origin, geo.halo_cols,
-                             i * block)
+  def load(group):
+    tiles.copy_group_in(k_ref, b, k_origin, h, k_smem, tiles.single(k_bars[group]), stream, group)
+    tiles.copy_group_in(v_ref, b, k_origin, h, v_smem, tiles.single(v_bars[group]), stream, group)
+
+  tiles.copy_tile_in(q_ref, b, r0, c0, h, q_smem, tiles.single(q_bar), geo)
+  for group in range(stream.preloaded()):
+    load(group)
+  plgpu.barrier_wait(tiles.single(q_bar))
+
+  rows = tiles.TILE_TOKENS
+  acc = tiles.zeros((rows, q_ref.shape[-1]))
+  m = tiles.full_vector(rows, -jnp.inf)
+  l = tiles.full_vector(rows, 0.0)
+  for i, (start, size) in enumerate(stream.steps):
+    shape, group = (rows, size), stream.group_of(i)
+    if stream.starts_group(i):
+      plgpu.barrier_wait(tiles.single(k_bars[group]))
+    s = tiles.scores(q_smem, stream.view(k_smem, i), shape) * (scale * tiles.LOG2E)
+    mask = tiles.window_mask(shape, geo, 0, (r0, c0), geo.tile_cols, 0, k_origin,
+                             stream.halo.cols, start)
     s = jnp.where(mask, s, tiles.MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - tiles.row_broadcast(m_new, shape))
     l = l * alpha + p.sum(axis=1)
     m = m_new
-    if i == 0:
-      plgpu.barrier_wait(tiles.single(v_bar))
+    if stream.starts_group(i):
+      plgpu.barrier_wait(tiles.single(v_bars[group]))
     acc = acc * tiles.row_broadcast(alpha, acc.shape)
-    acc = tiles.accumulate(acc, p.astype(q_ref.dtype), v_smem.at[keys])
+    acc = tiles.accumulate(acc, p.astype(q_ref.dtype), stream.view(v_smem, i))
+    if (refill := stream.refill_after(i)) is not None:
+      plgpu.commit_smem()   # every warp is done with the buffer before TMA refills it
+      load(refill)
 
   q_smem[...] = (acc * tiles.row_broadcast(1.0 / l, acc.shape)).astype(q_ref.dtype)
   lse_smem[...] = m + jnp.log2(l)
   plgpu.commit_smem()
-  tiles.copy_tile_out(q_smem, o_ref, b, r0, c0, h)
-  tiles.copy_stats_tile_out(lse_smem, lse_ref, b, h, r0, c0)
+  tiles.copy_tile_out(q_smem, o_ref, b, r0, c0, h, geo)
+  tiles.copy_stats_tile_out(lse_smem, lse_ref, b, h, r0, c0, geo)
   plgpu.commit_smem_to_gmem_group()
   plgpu.wait_smem_to_gmem(0)
 
 
-def _geometry(q, kernel_size) -> tiles.Geometry:
-  geo = tiles.Geometry(q.shape[1], q.shape[2], kernel_size)
-  if (reason := geo.covers()) is not None:   # also for callers that bypass api.na2d
+def _geometry(q, kernel_size, config) -> tiles.Geometry:
+  try:
+    geo = geometry(q.shape, kernel_size, config)
+  except ValueError as e:   # also for callers that bypass api.na2d
+    raise NotImplementedError(f"mosaic_gpu does not support this case: {e}") from None
+  if (reason := geo.covers()) is not None:
     raise NotImplementedError(f"mosaic_gpu does not support this case: {reason}")
   return geo
 
@@ -118,25 +219,27 @@ def _geometry(q, kernel_size) -> tiles.Geometry:
 def forward(q, k, v, kernel_size, scale, config):
   """Returns out (B, H, W, n, d) in q's dtype and the base-2 lse (B, n, H, W) float32."""
   b, height, width, n, d = q.shape
-  geo = _geometry(q, kernel_size)
-  kernel = functools.partial(_fwd_kernel, geo=geo, block=config.block(geo), scale=scale)
+  geo = _geometry(q, kernel_size, config)
+  stream = config.streams(geo, d, q.dtype.itemsize)["forward"]
+  kernel = functools.partial(_fwd_kernel, geo=geo, stream=stream, scale=scale)
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((b, n, height, width), jnp.float32))
-  tile_tokens = tiles.TILE ** 2
-  scratch = (tiles.smem_matrix(tile_tokens, d, q.dtype),
-             tiles.smem_matrix(geo.halo_tokens, d, q.dtype),
-             tiles.smem_matrix(geo.halo_tokens, d, q.dtype),
-             plgpu.SMEM((tile_tokens,), jnp.float32),
-             plgpu.Barrier(num_arrivals=tiles.TILE),
-             plgpu.Barrier(num_arrivals=geo.halo_rows),
-             plgpu.Barrier(num_arrivals=geo.halo_rows))
+  tokens = tiles.TILE_TOKENS
+  scratch = (tiles.smem_matrix(tokens, d, q.dtype),
+             tiles.smem_matrix(stream.buffer_tokens, d, q.dtype),
+             tiles.smem_matrix(stream.buffer_tokens, d, q.dtype),
+             plgpu.SMEM((tokens,), jnp.float32),
+             plgpu.Barrier(num_arrivals=geo.tile_rows),
+             stream.barriers(), stream.barriers())
   return tiles.call(kernel, q, out_type, scratch, geo, "na2d_fwd_mgpu")(q, k, v)
 
 
 def backward(q, k, v, out, lse, dout, kernel_size, scale, config):
   """Returns (dq, dk, dv) in the inputs' dtypes."""
-  geo = _geometry(q, kernel_size)
-  return backward_kernels.backward(q, k, v, out, lse, dout, geo, config.block(geo), scale)
+  geo = _geometry(q, kernel_size, config)
+  streams = config.streams(geo, q.shape[-1], q.dtype.itemsize)
+  return backward_kernels.backward(q, k, v, out, lse, dout, geo, streams["dq"],
+                                   streams["dk/dv"], scale)
 
 
 na2d = autodiff.with_lse_vjp(forward, backward)

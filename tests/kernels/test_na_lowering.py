@@ -2,7 +2,8 @@
 
 jax.export runs the Pallas -> Mosaic (TPU), Pallas -> Triton (CUDA) and Pallas -> Mosaic GPU
 (CUDA) lowerings: this catches bad block shapes and unsupported primitives, not what only the
-device compiler sees (VMEM size, layouts, register pressure). Batch 1 stands for the real batches: it changes only the grid.
+device compiler sees (VMEM size, layouts, register pressure). Batch 1 stands for the real
+batches: it changes only the grid.
 """
 
 import jax
@@ -98,14 +99,20 @@ def test_na_mosaic_gpu_lowers(level):
 
 
 @pytest.mark.gpu_lowering
-@pytest.mark.parametrize("shape, kernel_size, dilation, block_keys", [
-    ((2, 16, 40, 2, 64), 7, 1, 192),   # non-square, the 384-key halo in two blocks
-    ((1, 24, 16, 3, 64), 3, 1, 64),    # small window, 64-key blocks
-    ((1, 16, 16, 1, 64), 9, 1, 128),   # the largest window, map = halo
-    ((3, 48, 32, 2, 64), 5, 2, 128),   # dilation: two 24 x 16 groups per axis
+@pytest.mark.parametrize("shape, kernel_size, dilation, block_keys, slots, tile_rows", [
+    ((2, 16, 40, 2, 64), 7, 1, 192, 0, 0),   # non-square, 8 x 8 tiles (40 = 2.5 x 16)
+    ((1, 64, 64, 2, 64), 7, 1, 0, None, 8),  # 8 x 8 tiles where 4 x 16 would be chosen
+    ((1, 24, 16, 3, 64), 3, 1, 64, 0, 4),    # small window, 64-key steps
+    ((1, 16, 16, 1, 64), 9, 1, 128, 0, 0),   # a window of 9 on the smallest map
+    ((1, 64, 64, 1, 64), 11, 1, 0, None, 0),  # large halos, streamed: 14 x 32 / 18 x 32
+    ((1, 128, 128, 1, 64), 19, 1, 0, None, 0),  # 24 x 48 keys in 192-token steps (4 rows)
+    ((1, 48, 24, 1, 64), 4, 1, 64, 0, 0),    # steps that cut halo rows: one load group
+    ((1, 64, 64, 2, 64), 7, 1, 192, 1, 0),   # every halo through one buffer
+    ((3, 48, 32, 2, 64), 5, 2, 128, 0, 0),   # dilation: two 24 x 16 groups per axis
 ])
-def test_na_mosaic_gpu_lowers_edge_cases(shape, kernel_size, dilation, block_keys):
-  config = na.mosaic_gpu.Config(block_keys=block_keys)
+def test_na_mosaic_gpu_lowers_edge_cases(shape, kernel_size, dilation, block_keys, slots,
+                                         tile_rows):
+  config = na.mosaic_gpu.Config(block_keys=block_keys, slots=slots, tile_rows=tile_rows)
   assert mosaic_gpu_calls(shape, kernel_size, dilation, config) == 3
 
 
