@@ -193,9 +193,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse
       plgpu.barrier_wait(tiles.single(v_bars[group]))
     acc = acc * tiles.row_broadcast(alpha, acc.shape)
     acc = tiles.accumulate(acc, p.astype(q_ref.dtype), stream.view(v_smem, i))
-    if (refill := stream.refill_after(i)) is not None:
-      plgpu.commit_smem()   # every warp is done with the buffer before TMA refills it
-      load(refill)
+    tiles.refill(stream, i, load)
 
   q_smem[...] = (acc * tiles.row_broadcast(1.0 / l, acc.shape)).astype(q_ref.dtype)
   lse_smem[...] = m + jnp.log2(l)

@@ -61,9 +61,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref, q
     dp = tiles.scores(do_smem, v_step, shape)
     ds = p * (dp - tiles.row_broadcast(delta, shape))
     dq = tiles.accumulate(dq, ds.astype(q_ref.dtype), k_step)
-    if (refill := stream.refill_after(i)) is not None:
-      plgpu.commit_smem()   # every warp is done with the buffers before TMA refills them
-      load(refill)
+    tiles.refill(stream, i, load)
 
   q_smem[...] = (dq * scale).astype(q_ref.dtype)
   plgpu.commit_smem()
@@ -112,9 +110,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     delta = tiles.load_col_vector(stream.view(delta_smem, i))
     dst = pt * (dpt - tiles.col_broadcast(delta, shape))
     dk = tiles.accumulate(dk, dst.astype(q_ref.dtype), q_step)
-    if (refill := stream.refill_after(i)) is not None:
-      plgpu.commit_smem()   # every warp is done with the buffers before TMA refills them
-      load(refill)
+    tiles.refill(stream, i, load)
 
   k_smem[...] = (dk * scale).astype(k_ref.dtype)
   v_smem[...] = dv.astype(v_ref.dtype)

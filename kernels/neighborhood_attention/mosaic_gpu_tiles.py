@@ -307,6 +307,13 @@ class Stream:
     return tuple(plgpu.Barrier(num_arrivals=rows + extra_arrivals) for _, rows in self.groups)
 
 
+def refill(stream: Stream, step: int, load) -> None:
+  """After step `step`: load(group) of the group its buffer takes next, if any (in-kernel)."""
+  if (group := stream.refill_after(step)) is not None:
+    plgpu.commit_smem()   # every warp is done with the buffer before TMA refills it
+    load(group)
+
+
 def copy_group_in(src, b, origin, h, dst, barrier, stream: Stream, group: int):
   """TMA copies of load group `group`'s halo rows (halo at `origin`) into dst, one per row."""
   first, rows = stream.groups[group]
