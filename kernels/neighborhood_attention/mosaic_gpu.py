@@ -2,7 +2,7 @@
 
 Design (figures and versions in benchmarks/NOTES.md):
 * One program (one warpgroup) per (64-token query tile, head, batch): 4 x 16 or 8 x 8 tokens,
-  whichever gives the smaller halos (mosaic_gpu_tiles.py; 4 x 16 at HDiT's levels). Tiles vary
+  whichever gives the smaller halos (mosaic_gpu_halos.py; 4 x 16 at HDiT's levels). Tiles vary
   fastest, so the programs running together share halos in L2.
 * TMA brings the tile and its key halo (10 x 32 keys for 4 x 16 tiles at k = 7, 6.5x the 49
   useful: columns start on multiples of 8) from the native (B, H, W, heads, dim) layout into
@@ -30,6 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hdit_kernels.neighborhood_attention import autodiff
 from hdit_kernels.neighborhood_attention import mosaic_gpu_backward as backward_kernels
+from hdit_kernels.neighborhood_attention import mosaic_gpu_halos as halos
 from hdit_kernels.neighborhood_attention import mosaic_gpu_tiles as tiles
 
 
@@ -41,16 +42,16 @@ KERNELS = ("forward", "dq", "dk/dv")
 _TILES = {"forward": 1, "dq": 3, "dk/dv": 2}
 
 
-def kernel_smem_bytes(kernel: str, stream: tiles.Stream, head_dim: int, itemsize: int) -> int:
+def kernel_smem_bytes(kernel: str, stream: halos.Stream, head_dim: int, itemsize: int) -> int:
   """Shared memory of a kernel's scratch: its tiles, its two halo buffers (each
   stream.buffer_tokens) and float32 statistics, each buffer aligned to 1 KiB as Pallas
   allocates them."""
   aligned = lambda size: -(-size // 1024) * 1024
   matrix = lambda tokens: aligned(tokens * head_dim * itemsize)
-  stats = {"forward": aligned(4 * tiles.TILE_TOKENS),
-           "dq": 2 * aligned(4 * tiles.TILE_TOKENS),
+  stats = {"forward": aligned(4 * halos.TILE_TOKENS),
+           "dq": 2 * aligned(4 * halos.TILE_TOKENS),
            "dk/dv": 2 * aligned(4 * stream.buffer_tokens)}[kernel]
-  return _TILES[kernel] * matrix(tiles.TILE_TOKENS) + 2 * matrix(stream.buffer_tokens) + stats
+  return _TILES[kernel] * matrix(halos.TILE_TOKENS) + 2 * matrix(stream.buffer_tokens) + stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Config:
     block_keys: halo tokens (keys; queries in the dk/dv kernel) per step, the last step taking
       the rest: a multiple of 64 (wgmma's contraction) of at most 256 (wgmma's width).
     slots: 0 keeps a halo resident in SMEM; n > 0 streams it through n step-sized buffers
-      (tiles.Stream; steps must be whole halo rows).
+      (halos.Stream; steps must be whole halo rows).
       With neither given, each kernel keeps its halo resident in steps of at most 192 tokens,
       unless that leaves room for only one program per SM: then it streams it through two
       buffers of steps of whole halo rows (128 tokens on 32-column halos), where that takes
@@ -74,30 +75,30 @@ class Config:
   tile_rows: int = 0
   interpret: bool = False
 
-  def stream(self, halo: tiles.Halo, kernel: str, head_dim: int = 64,
-             itemsize: int = 2) -> tiles.Stream:
+  def stream(self, halo: halos.Halo, kernel: str, head_dim: int = 64,
+             itemsize: int = 2) -> halos.Stream:
     """How `kernel` walks `halo`."""
     if self.block_keys or self.slots is not None:
       block = self.block_keys or _balanced_block(halo.tokens)
-      return tiles.Stream(halo, tiles.blocks(halo.tokens, block), self.slots or 0)
-    resident = tiles.Stream(halo, tiles.blocks(halo.tokens, _balanced_block(halo.tokens)))
+      return halos.Stream(halo, halos.blocks(halo.tokens, block), self.slots or 0)
+    resident = halos.Stream(halo, halos.blocks(halo.tokens, _balanced_block(halo.tokens)))
     used = kernel_smem_bytes(kernel, resident, head_dim, itemsize)
     step = _row_step(halo)
     if used <= TWO_PER_SM_BYTES or step is None:
       return resident
-    streamed = tiles.Stream(halo, tiles.blocks(halo.tokens, step), slots=2)
+    streamed = halos.Stream(halo, halos.blocks(halo.tokens, step), slots=2)
     smaller = kernel_smem_bytes(kernel, streamed, head_dim, itemsize) < used
     return streamed if smaller else resident
 
-  def streams(self, geo: tiles.Geometry, head_dim: int = 64,
-              itemsize: int = 2) -> dict[str, tiles.Stream]:
+  def streams(self, geo: halos.Geometry, head_dim: int = 64,
+              itemsize: int = 2) -> dict[str, halos.Stream]:
     """Each kernel's walk through its halo (key halos for forward and dq, query halos for
     dk/dv)."""
     return {kernel: self.stream(geo.query_halo if kernel == "dk/dv" else geo.key_halo, kernel,
                                 head_dim, itemsize) for kernel in KERNELS}
 
 
-def _row_step(halo: tiles.Halo) -> int | None:
+def _row_step(halo: halos.Halo) -> int | None:
   """The smallest step of at least 128 tokens that is whole halo rows and a multiple of 64 (at
   most 256), or None."""
   unit = math.lcm(64, halo.cols)
@@ -111,7 +112,7 @@ def _balanced_block(tokens: int) -> int:
   return -(-tokens // steps // 64) * 64
 
 
-def smem_bytes(geo: tiles.Geometry, config: Config, head_dim: int,
+def smem_bytes(geo: halos.Geometry, config: Config, head_dim: int,
                itemsize: int) -> dict[str, int]:
   """Shared memory of each kernel."""
   streams = config.streams(geo, head_dim, itemsize)
@@ -119,9 +120,9 @@ def smem_bytes(geo: tiles.Geometry, config: Config, head_dim: int,
           for kernel in KERNELS}
 
 
-def geometry(shape, kernel_size: int, config: Config | None = None) -> tiles.Geometry:
+def geometry(shape, kernel_size: int, config: Config | None = None) -> halos.Geometry:
   """The tiling of a (B, H, W, heads, dim) call; ValueError says why there is none."""
-  return tiles.Geometry.choose(shape[1], shape[2], kernel_size, (config or Config()).tile_rows)
+  return halos.Geometry.choose(shape[1], shape[2], kernel_size, (config or Config()).tile_rows)
 
 
 def unsupported(shape, dtype, kernel_size: int, config: Config | None) -> str | None:
@@ -163,16 +164,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse
   r0, c0 = geo.tile_origin(tile)
   k_origin = geo.key_halo_origin(r0, c0)
 
-  def load(group):
-    tiles.copy_group_in(k_ref, b, k_origin, h, k_smem, tiles.single(k_bars[group]), stream, group)
-    tiles.copy_group_in(v_ref, b, k_origin, h, v_smem, tiles.single(v_bars[group]), stream, group)
+  load = tiles.halo_loader((k_ref, v_ref), b, k_origin, h, (k_smem, v_smem), (k_bars, v_bars),
+                           stream)
 
   tiles.copy_tile_in(q_ref, b, r0, c0, h, q_smem, tiles.single(q_bar), geo)
   for group in range(stream.preloaded()):
     load(group)
   plgpu.barrier_wait(tiles.single(q_bar))
 
-  rows = tiles.TILE_TOKENS
+  rows = halos.TILE_TOKENS
   acc = tiles.zeros((rows, q_ref.shape[-1]))
   m = tiles.full_vector(rows, -jnp.inf)
   l = tiles.full_vector(rows, 0.0)
@@ -204,7 +204,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse
   plgpu.wait_smem_to_gmem(0)
 
 
-def _geometry(q, kernel_size, config) -> tiles.Geometry:
+def _geometry(q, kernel_size, config) -> halos.Geometry:
   try:
     geo = geometry(q.shape, kernel_size, config)
   except ValueError as e:   # also for callers that bypass api.na2d
@@ -222,7 +222,7 @@ def forward(q, k, v, kernel_size, scale, config):
   kernel = functools.partial(_fwd_kernel, geo=geo, stream=stream, scale=scale)
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((b, n, height, width), jnp.float32))
-  tokens = tiles.TILE_TOKENS
+  tokens = halos.TILE_TOKENS
   scratch = (tiles.smem_matrix(tokens, d, q.dtype),
              tiles.smem_matrix(stream.buffer_tokens, d, q.dtype),
              tiles.smem_matrix(stream.buffer_tokens, d, q.dtype),

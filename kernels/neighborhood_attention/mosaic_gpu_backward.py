@@ -4,7 +4,7 @@ FlashAttention-2's backward, with NATTEN's window as the mask:
   P = exp(S - lse), dP = dO V^T, dS = P * (dP - D), dQ = scale dS K, dK = scale dS^T Q,
   dV = P^T dO, with D = rowsum(dO * O).
 * dq kernel (per query tile): D of the tile from O and dO in registers (written out for the
-  next kernel), then the key halo in steps (its own tiles.Stream, like the forward's).
+  next kernel), then the key halo in steps (its own halos.Stream, like the forward's).
 * dk/dv kernel (per key tile): the halo of queries attending the tile (NATTEN's inverse
   neighborhood: for k = 7 and 4 x 16 tiles, up to 11 rows, in a 12 x 32 halo) in blocks,
   transposed scores S^T = K Q^T so that dK and dV accumulate in registers; no atomics.
@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from hdit_kernels.neighborhood_attention import mosaic_gpu_halos as halos
 from hdit_kernels.neighborhood_attention import mosaic_gpu_tiles as tiles
 
-_TOKENS = tiles.TILE_TOKENS
+_TOKENS = halos.TILE_TOKENS
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref, q_smem, o_smem,
@@ -28,9 +29,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref, q
   r0, c0 = geo.tile_origin(tile)
   k_origin = geo.key_halo_origin(r0, c0)
 
-  def load(group):
-    tiles.copy_group_in(k_ref, b, k_origin, h, k_smem, tiles.single(k_bars[group]), stream, group)
-    tiles.copy_group_in(v_ref, b, k_origin, h, v_smem, tiles.single(v_bars[group]), stream, group)
+  load = tiles.halo_loader((k_ref, v_ref), b, k_origin, h, (k_smem, v_smem), (k_bars, v_bars),
+                           stream)
 
   for src, dst in ((q_ref, q_smem), (o_ref, o_smem), (do_ref, do_smem)):
     tiles.copy_tile_in(src, b, r0, c0, h, dst, tiles.single(tile_bar), geo)
@@ -121,7 +121,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   plgpu.wait_smem_to_gmem(0)
 
 
-def dq_and_delta(q, k, v, out, lse, dout, geo: tiles.Geometry, stream: tiles.Stream,
+def dq_and_delta(q, k, v, out, lse, dout, geo: halos.Geometry, stream: halos.Stream,
                  scale: float):
   """dq and D = rowsum(dO * O) (B, heads, H, W) float32; stream: the key halo's walk."""
   d, dtype = q.shape[-1], q.dtype
@@ -136,7 +136,7 @@ def dq_and_delta(q, k, v, out, lse, dout, geo: tiles.Geometry, stream: tiles.Str
   return tiles.call(kernel, q, out_type, scratch, geo, "na2d_dq_mgpu")(q, k, v, out, dout, lse)
 
 
-def dk_dv(q, k, v, dout, lse, delta, geo: tiles.Geometry, stream: tiles.Stream, scale: float):
+def dk_dv(q, k, v, dout, lse, delta, geo: halos.Geometry, stream: halos.Stream, scale: float):
   """dk and dv; stream: the query halo's walk."""
   d, dtype = q.shape[-1], q.dtype
   matrix = functools.partial(tiles.smem_matrix, head_dim=d, dtype=dtype)
@@ -151,8 +151,8 @@ def dk_dv(q, k, v, dout, lse, delta, geo: tiles.Geometry, stream: tiles.Stream, 
       q, k, v, dout, lse, delta)
 
 
-def backward(q, k, v, out, lse, dout, geo: tiles.Geometry, key_stream: tiles.Stream,
-             query_stream: tiles.Stream, scale: float):
+def backward(q, k, v, out, lse, dout, geo: halos.Geometry, key_stream: halos.Stream,
+             query_stream: halos.Stream, scale: float):
   """Returns (dq, dk, dv); lse is the forward's base-2 log-sum-exp, (B, heads, H, W) float32."""
   dq, delta = dq_and_delta(q, k, v, out, lse, dout, geo, key_stream, scale)
   dk, dv = dk_dv(q, k, v, dout, lse, delta, geo, query_stream, scale)

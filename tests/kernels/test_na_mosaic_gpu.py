@@ -16,15 +16,16 @@ import pytest
 
 from conftest import rel_l2
 from hdit_kernels import neighborhood_attention as na
-from hdit_kernels.neighborhood_attention import mosaic_gpu, mosaic_gpu_tiles as tiles
+from hdit_kernels.neighborhood_attention import mosaic_gpu, mosaic_gpu_halos as halos
+from hdit_kernels.neighborhood_attention import mosaic_gpu_tiles as tiles
 
 # (height, width, kernel_size): HDiT's levels, non-square maps, the smallest map, k = 1 ... 13.
 GEOMETRIES = [(64, 64, 7), (16, 40, 7), (40, 16, 7), (24, 16, 3), (16, 16, 9), (32, 48, 5),
               (16, 16, 1), (48, 24, 4), (256, 32, 7), (32, 32, 7), (64, 64, 9), (24, 24, 9),
               (64, 64, 13)]
 # Each map with each tile shape that tiles it.
-TILED = [(h, w, k, r) for h, w, k in GEOMETRIES for r in tiles.TILE_ROWS
-         if tiles.shape_reason(h, w, r) is None]
+TILED = [(h, w, k, r) for h, w, k in GEOMETRIES for r in halos.TILE_ROWS
+         if halos.shape_reason(h, w, r) is None]
 
 
 def attends(length, kernel_size):
@@ -86,7 +87,7 @@ def key_tile_pairs(geo):
 
 @pytest.mark.parametrize("height, width, kernel_size, tile_rows", TILED)
 def test_every_pair_is_computed_once_by_each_kernel(height, width, kernel_size, tile_rows):
-  geo = tiles.Geometry(height, width, kernel_size, tile_rows)
+  geo = halos.Geometry(height, width, kernel_size, tile_rows)
   assert geo.covers() is None
   want = map_attends(geo)
   fwd = np.zeros(want.shape, np.int32)
@@ -106,16 +107,16 @@ def test_window_mask_blocks_match_the_window_rule(monkeypatch, height, width, ke
                                                   tile_rows, block):
   """The in-kernel window_mask, step by step as the kernels call it, for both orientations."""
   monkeypatch.setattr(tiles, "_vector_iota", lambda n, layout: jnp.arange(n, dtype=jnp.int32))
-  geo = tiles.Geometry(height, width, kernel_size, tile_rows)
+  geo = halos.Geometry(height, width, kernel_size, tile_rows)
   want = map_attends(geo)
   for (tile_origin, tile, k_origin, key_halo), (_, _, q_origin, query_halo) in zip(
       programs(geo, "key"), programs(geo, "query")):
-    for start, size in tiles.blocks(geo.key_halo.tokens, block):
+    for start, size in halos.blocks(geo.key_halo.tokens, block):
       fwd = tiles.window_mask((64, size), geo, 0, tile_origin, geo.tile_cols, 0, k_origin,
                               geo.key_halo.cols, start)
       np.testing.assert_array_equal(np.asarray(fwd),
                                     want[np.ix_(tile, key_halo[start:start + size])])
-    for start, size in tiles.blocks(geo.query_halo.tokens, block):
+    for start, size in halos.blocks(geo.query_halo.tokens, block):
       dkv = tiles.window_mask((64, size), geo, 1, q_origin, geo.query_halo.cols, start,
                               tile_origin, geo.tile_cols, 0)
       np.testing.assert_array_equal(np.asarray(dkv),
@@ -125,7 +126,7 @@ def test_window_mask_blocks_match_the_window_rule(monkeypatch, height, width, ke
 @pytest.mark.parametrize("height, width, kernel_size, tile_rows", TILED)
 def test_halos_are_the_smallest_that_hold_every_window(height, width, kernel_size, tile_rows):
   """One row or one group of 8 columns less (at a multiple of 64 tokens) misses some window."""
-  geo = tiles.Geometry(height, width, kernel_size, tile_rows)
+  geo = halos.Geometry(height, width, kernel_size, tile_rows)
   assert geo.covers() is None
   for kind in ("key", "query"):
     (row_lo, row_hi), (col_lo, col_hi) = geo.needs(kind)
@@ -139,19 +140,19 @@ def test_halos_are_the_smallest_that_hold_every_window(height, width, kernel_siz
           assert rows * cols >= halo.tokens, (kind, rows, cols, halo)
 
 
-class _SmallKeyHalo(tiles.Geometry):
+class _SmallKeyHalo(halos.Geometry):
   @property
   def key_halo(self):
-    return tiles.Halo(8, 16)
+    return halos.Halo(8, 16)
 
 
-class _SmallQueryHalo(tiles.Geometry):
+class _SmallQueryHalo(halos.Geometry):
   @property
   def query_halo(self):
-    return tiles.Halo(10, 32)   # 11 rows are needed next to the borders
+    return halos.Halo(10, 32)   # 11 rows are needed next to the borders
 
 
-class _ShiftedKeyHalo(tiles.Geometry):
+class _ShiftedKeyHalo(halos.Geometry):
   def key_halo_origin(self, r0, c0):
     row, col = super().key_halo_origin(r0, c0)
     return row, col + 1   # no longer on an 8-token boundary
@@ -188,8 +189,8 @@ def test_barriers_expect_the_copies_issued_on_them(monkeypatch, halo, block, slo
   monkeypatch.setattr(tiles.plgpu, "copy_gmem_to_smem",
                       lambda src, dst, barrier: arrivals.update({barrier: arrivals.get(
                           barrier, 0) + 1}))
-  halo = tiles.Halo(*halo)
-  stream = tiles.Stream(halo, tiles.blocks(halo.tokens, block), slots)
+  halo = halos.Halo(*halo)
+  stream = halos.Stream(halo, halos.blocks(halo.tokens, block), slots)
   ref = _FakeRef()
   for extra, barriers in ((0, stream.barriers()), (1, stream.barriers(extra_arrivals=1))):
     for group, barrier in enumerate(barriers):
@@ -198,20 +199,20 @@ def test_barriers_expect_the_copies_issued_on_them(monkeypatch, halo, block, slo
       if extra:
         tiles.copy_group_stats_in(ref, 0, (0, 0), 0, ref, token, stream, group)
       assert arrivals.pop(token) == barrier.num_arrivals
-  for geo in (tiles.Geometry(64, 64, 7, 4), tiles.Geometry(64, 64, 7, 8)):
+  for geo in (halos.Geometry(64, 64, 7, 4), halos.Geometry(64, 64, 7, 8)):
     tiles.copy_tile_in(ref, 0, 0, 0, 0, ref, "tile", geo)
     assert arrivals.pop("tile") == geo.tile_rows   # the kernels' tile barriers
 
 
 def test_tile_shape_is_chosen_by_halo_tokens():
   """4 x 16 tiles where the map allows: 2 x 320 + 384 halo tokens at k = 7 against 3 x 384."""
-  geo = tiles.Geometry.choose(64, 64, 7)
+  geo = halos.Geometry.choose(64, 64, 7)
   assert (geo.tile_rows, geo.key_halo, geo.query_halo) == (4, (10, 32), (12, 32))
-  assert tiles.Geometry.choose(16, 40, 7).tile_rows == 8   # 40 is no multiple of 16
-  assert tiles.Geometry.choose(64, 64, 13).tile_rows == 8   # a tie (1728 tokens): 8 x 8
-  assert tiles.Geometry.choose(64, 64, 7, tile_rows=8).key_halo == (16, 24)
+  assert halos.Geometry.choose(16, 40, 7).tile_rows == 8   # 40 is no multiple of 16
+  assert halos.Geometry.choose(64, 64, 13).tile_rows == 8   # a tie (1728 tokens): 8 x 8
+  assert halos.Geometry.choose(64, 64, 7, tile_rows=8).key_halo == (16, 24)
   with pytest.raises(ValueError, match="width 40 is not a multiple of the tile's 16"):
-    tiles.Geometry.choose(16, 40, 7, tile_rows=4)
+    halos.Geometry.choose(16, 40, 7, tile_rows=4)
 
 
 def test_dilation_groups_of_every_size_are_checked():
@@ -293,7 +294,7 @@ def test_supported_cases(shape, kernel_size):
 def test_shared_memory_counts_tiles_halos_and_statistics():
   """ImageNet level 0: 4 x 16 tiles, 320-key halos resident, 384-query halos streamed through
   two 128-token buffers (resident, 115 KiB would leave room for one dk/dv program per SM)."""
-  geo = tiles.Geometry.choose(64, 64, 7)
+  geo = halos.Geometry.choose(64, 64, 7)
   kib = 1024   # every buffer takes whole KiB
   assert mosaic_gpu.smem_bytes(geo, mosaic_gpu.Config(), 64, 2) == {
       "forward": 64 * 128 + 2 * 320 * 128 + kib,
@@ -305,7 +306,7 @@ def test_shared_memory_counts_tiles_halos_and_statistics():
 
 
 def test_default_streams_keep_two_programs_per_sm():
-  geo = tiles.Geometry.choose(64, 64, 7)
+  geo = halos.Geometry.choose(64, 64, 7)
   streams = mosaic_gpu.Config().streams(geo)
   assert [(streams[k].steps, streams[k].slots) for k in mosaic_gpu.KERNELS] == [
       (((0, 192), (192, 128)), 0), (((0, 192), (192, 128)), 0),
@@ -322,7 +323,7 @@ def test_default_streams_keep_two_programs_per_sm():
       else:
         assert used[kernel] == resident[kernel]
   # 24-column halos cannot be cut into 128-token steps of whole rows: they stay resident.
-  narrow = mosaic_gpu.Config().stream(tiles.Halo(16, 24), "dk/dv")
+  narrow = mosaic_gpu.Config().stream(halos.Halo(16, 24), "dk/dv")
   assert narrow.slots == 0 and narrow.steps == ((0, 192), (192, 192))
 
 
@@ -332,7 +333,7 @@ def test_default_streams_keep_two_programs_per_sm():
     (576, 0, ((0, 192), (192, 192), (384, 192))), (384, 256, ((0, 256), (256, 128))),
     (320, 64, tuple((i, 64) for i in range(0, 320, 64)))])
 def test_steps_cover_the_halo_in_multiples_of_64(tokens, block, want):
-  steps = mosaic_gpu.Config(block_keys=block, slots=0).stream(tiles.Halo(tokens // 32, 32),
+  steps = mosaic_gpu.Config(block_keys=block, slots=0).stream(halos.Halo(tokens // 32, 32),
                                                               "forward").steps
   assert steps == want
   assert all(size % 64 == 0 and size <= 256 for _, size in steps)
@@ -345,8 +346,8 @@ def test_steps_cover_the_halo_in_multiples_of_64(tokens, block, want):
 def test_stream_schedule_gives_every_step_its_own_tokens(halo, block, slots):
   """Replays a kernel's loads: preload, then refill after each step, as the kernels issue them;
   every step must read exactly its halo tokens from a buffer no later load has overwritten."""
-  halo = tiles.Halo(*halo)
-  stream = tiles.Stream(halo, tiles.blocks(halo.tokens, block), slots)
+  halo = halos.Halo(*halo)
+  stream = halos.Stream(halo, halos.blocks(halo.tokens, block), slots)
   assert slots == 0 or stream.whole_rows
   buffer = np.full(stream.buffer_tokens, -1)
   landed = set()
@@ -378,6 +379,6 @@ def test_stream_schedule_gives_every_step_its_own_tokens(halo, block, slots):
 
 def test_stream_refuses_slots_over_steps_that_cut_rows():
   with pytest.raises(ValueError, match="slots 1 need steps of whole rows of the 16 x 24 halo"):
-    tiles.Stream(tiles.Halo(16, 24), tiles.blocks(384, 128), slots=1)
+    halos.Stream(halos.Halo(16, 24), halos.blocks(384, 128), slots=1)
   with pytest.raises(ValueError, match="slots -1"):
-    tiles.Stream(tiles.Halo(12, 32), tiles.blocks(384, 128), slots=-1)
+    halos.Stream(halos.Halo(12, 32), halos.blocks(384, 128), slots=-1)
