@@ -40,8 +40,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref, q
     load(group)
   plgpu.barrier_wait(tiles.single(tile_bar))
 
-  o = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-  do = plgpu.load(do_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+  o = tiles.load(o_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
+  do = tiles.load(do_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
   delta = (o * do).sum(axis=1)
   lse2 = tiles.load_row_vector(lse_smem)
   delta_smem[...] = delta

@@ -16,6 +16,8 @@ from hdit_kernels.neighborhood_attention.windows import window_start
 LOG2E = math.log2(math.e)
 # Finite, so that exp2(MASK_VALUE - max) is 0 without inf - inf; every query has k^2 valid keys.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# jax 0.10's plgpu.load requires an index; jax 0.11 gives it a default and deprecates passing it.
+_LOAD_NEEDS_INDEX = not plgpu.load.__defaults__
 
 
 def _vector_iota(n: int, layout):
@@ -149,20 +151,25 @@ def col_broadcast(x, shape):
   return lax.broadcast_in_dim(x, shape, [1])
 
 
+def load(ref, layout):
+  """All of an SMEM ref into registers, in `layout`."""
+  return plgpu.load(ref, (), layout=layout) if _LOAD_NEEDS_INDEX else plgpu.load(ref, layout=layout)
+
+
 def load_row_vector(ref):
   """A float32 SMEM vector with one value per row of a score block (for row_broadcast)."""
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+  return load(ref, plgpu.Layout.WGMMA.reduce(1))
 
 
 def load_col_vector(ref):
   """A float32 SMEM vector with one value per column of a score block (for col_broadcast)."""
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+  return load(ref, plgpu.Layout.WGMMA.reduce(0))
 
 
 def scores(q_smem, k_smem, shape):
   """q @ k^T into a fresh float32 accumulator of `shape`."""
   def body(acc):
-    plgpu.wgmma(acc, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+    plgpu.wgmma(acc, q_smem, k_smem.transpose((1, 0)))
     return acc[...]
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
