@@ -9,100 +9,22 @@ of `keep_every`.
 """
 
 import logging as std_logging
-import math
 import os
 import time
 from typing import Any, NamedTuple
 
 import grain
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from hdit_jax.training import checkpoint_integrity as integrity
 from hdit_jax.training import host_agreement as agreement
+from hdit_jax.training.checkpoint_integrity import CheckpointError
 from hdit_jax.training.host_agreement import StrandedHosts
 from hdit_jax.training.validate import ConfigError
-
-
-class CheckpointError(RuntimeError):
-  """No checkpoint of the directory can be restored."""
-
-
-def _name(path) -> str:
-  parts = []
-  for entry in path:
-    part = str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
-    if part != "value":   # an nnx Variable's array
-      parts.append(part)
-  return ".".join(parts)
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
-
-
-def _check_same_model(saved: dict[str, tuple[int, ...]], abstract_state: Any, step: int,
-                      directory: str) -> None:
-  """Refuse a checkpoint whose parameters (another model) or other state (another optimizer
-  layout, from another hdit-jax version) differ from what this config builds."""
-  built = _shapes(abstract_state)
-  changed = [f"{k} is {saved[k]} there, {built[k]} here" for k in sorted(saved.keys() & built)
-             if saved[k] != built[k]]
-  changed += [f"{k} is missing there" for k in sorted(built.keys() - saved.keys())]
-  changed += [f"{k} is not built here" for k in sorted(saved.keys() - built.keys())]
-  if not changed:
-    return
-  more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
-  what = "; ".join(changed[:3]) + more
-  reshaped = [k for k in saved.keys() & built if saved[k] != built[k]
-               and len(saved[k]) < len(built[k]) and math.prod(saved[k]) == math.prod(built[k])]
-  if reshaped and len(reshaped) == len(changed):
-    raise ConfigError(
-        f"the checkpoint at step {step} in {directory} was written by an earlier hdit-jax, whose "
-        f"fused projections were flat ({what}). Export its EMA weights with that version "
-        "(--mode=export; this version loads them), or train in a new workdir.")
-  if any(c.startswith("params.") for c in changed):
-    raise ConfigError(
-        f"the checkpoint at step {step} in {directory} is of another model than this config "
-        f"builds: {what}. Resume with the run's own config (its model section), or train this "
-        "one in a new workdir.")
-  raise ConfigError(
-      f"the checkpoint at step {step} in {directory} holds a train state laid out otherwise "
-      f"than this version of hdit-jax builds (written by another version?): {what}. Resume "
-      "it with the version that wrote it, or train in a new workdir.")
-
-
-def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-  """A position-weighted sum of an array's bits, mod 2^32: exact under any sharding (integer
-  sums), and changed by any altered, zeroed or swapped element."""
-  if x.dtype == jnp.bool_:
-    bits = x.astype(jnp.uint32).reshape(-1)
-  else:
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
-  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-  return jnp.sum(bits * weights, dtype=jnp.uint32)
-
-
-_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
-
-
-def fingerprint(state: Any) -> dict[str, int]:
-  """Array name -> fingerprint, saved beside a checkpoint and checked when it is restored."""
-  values = jax.device_get(_fingerprints(state))
-  return {_name(path): int(v) for path, v in jax.tree_util.tree_flatten_with_path(values)[0]}
-
-
-def _check_fingerprint(saved: dict[str, int], restored: dict[str, int]) -> None:
-  differ = sorted(k for k in saved.keys() | restored.keys() if saved.get(k) != restored.get(k))
-  if differ:
-    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
-    raise CheckpointError(f"the restored arrays differ from those saved: {', '.join(differ[:3])}"
-                          f"{more}")
 
 
 def error_line(error: BaseException) -> str:
@@ -192,7 +114,7 @@ class Checkpointer:
     if not agreement.on_every_process(latest != step):
       return False
     args = {"state": ocp.args.StandardSave(state),
-            "fingerprint": ocp.args.JsonSave(fingerprint(state))}
+            "fingerprint": ocp.args.JsonSave(integrity.fingerprint(state))}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self._orbax_errors.reason = None
@@ -309,7 +231,7 @@ class Checkpointer:
 
   def _read(self, abstract_state: Any, data_iterator: Any, step: int) -> dict[str, Any]:
     """A step's items as orbax restores them (no collective of this module's own)."""
-    _check_same_model(self._saved_shapes(step), abstract_state, step, self.directory)
+    integrity.check_same_model(self._saved_shapes(step), abstract_state, step, self.directory)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -330,7 +252,8 @@ class Checkpointer:
   def _verify(self, restored: dict[str, Any], step: int) -> None:
     """Compare the restored arrays with the fingerprint saved beside them (a collective)."""
     if restored.get("fingerprint") is not None:
-      _check_fingerprint(restored["fingerprint"], fingerprint(restored["state"]))
+      integrity.check_fingerprint(restored["fingerprint"],
+                                  integrity.fingerprint(restored["state"]))
     else:
       logging.warning("checkpoint step %d in %s has no fingerprint: its arrays are not verified",
                       step, self.directory)
@@ -433,7 +356,7 @@ class Checkpointer:
     metadata = self.manager.item_metadata(step)["state"]
     if metadata is None:
       raise CheckpointError("its metadata is missing or unreadable")
-    return _shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+    return integrity.shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
 
   def wait(self) -> None:
     """Wait for the save in flight; its outcome is kept for `finished()`."""

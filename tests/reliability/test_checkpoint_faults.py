@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from hdit_jax.training import checkpoint as ckpt_lib
+from hdit_jax.training import checkpoint_integrity as integrity
 from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training import state as state_lib
 from hdit_jax.training import trainer
@@ -144,17 +145,17 @@ def test_fingerprints_see_every_element_and_not_the_sharding():
   tree = {"w": rng.normal(size=(16, 6)).astype(np.float32),
           "h": rng.normal(size=(8,)).astype(jax.numpy.bfloat16),
           "n": np.int32(7), "ok": np.bool_(True)}
-  base = ckpt_lib.fingerprint(tree)
+  base = integrity.fingerprint(tree)
   assert set(base) == {"w", "h", "n", "ok"}
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8), ("data",))
   sharded = dict(tree, w=jax.device_put(tree["w"], jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("data"))))
-  assert ckpt_lib.fingerprint(sharded) == base
+  assert integrity.fingerprint(sharded) == base
   swapped = dict(tree, w=tree["w"][[1, 0, *range(2, 16)]])       # two rows swapped
   zeroed = dict(tree, w=tree["w"].copy())
   zeroed["w"][5, 2] = 0.0
   for changed in (swapped, zeroed, dict(tree, ok=np.bool_(False))):
-    differ = {k for k in base if ckpt_lib.fingerprint(changed)[k] != base[k]}
+    differ = {k for k in base if integrity.fingerprint(changed)[k] != base[k]}
     assert len(differ) == 1, differ
 
 
@@ -239,10 +240,10 @@ def test_a_checkpoint_with_flat_fused_projections_is_named_as_an_earlier_version
                       "norm": {"scale": jax.ShapeDtypeStruct((16,), "float32")}}}
   flat = {"params.qkv_proj.kernel": (16, 48), "params.norm.scale": (16,)}
   with pytest.raises(ConfigError, match="earlier hdit-jax, whose fused projections were flat"):
-    ckpt_lib._check_same_model(flat, built, 4, "/ckpt")  # pylint: disable=protected-access
+    integrity.check_same_model(flat, built, 4, "/ckpt")
   other = {"params.qkv_proj.kernel": (16, 40), "params.norm.scale": (16,)}
   with pytest.raises(ConfigError, match="of another model than this config builds"):
-    ckpt_lib._check_same_model(other, built, 4, "/ckpt")  # pylint: disable=protected-access
+    integrity.check_same_model(other, built, 4, "/ckpt")
 
 
 
