@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from hdit_jax.config import apply_overrides
 from hdit_jax.evaluation.inception import FIDInceptionV3, InceptionFeatures
 from hdit_jax.models import build_model
 from hdit_jax.sampling import batches
@@ -55,8 +56,9 @@ def timed(fn):
   return out, time.perf_counter() - start
 
 
-def bench_sampling(config_name: str, batch: int, total: int, steps: int, guidance: float):
-  config = load_config(config_name)
+def bench_sampling(config_name: str, batch: int, total: int, steps: int, guidance: float,
+                   overrides=()):
+  config = apply_overrides(load_config(config_name), overrides)
   config.sampling.update(sampler="dpmpp_2m", steps=steps, guidance_scale=guidance,
                          batch_size=batch)
   model = random_weights(build_model(config.model, rngs=nnx.Rngs(0)))
@@ -70,7 +72,7 @@ def bench_sampling(config_name: str, batch: int, total: int, steps: int, guidanc
   run = time.perf_counter() - start
   steady = float(np.median(calls))
   return {
-      "config": config_name, "dtype": config.model.dtype, "sampler": "dpmpp_2m",
+      "config": config_name, "overrides": list(overrides), "dtype": config.model.dtype, "sampler": "dpmpp_2m",
       "steps": steps, "guidance_scale": guidance, "batch": batch,
       "first_call_s": first, "next_calls_s": calls, "steady_call_s": steady,
       "second_over_steady": calls[0] / steady, "images_per_s_per_call": batch / steady,
@@ -103,19 +105,23 @@ def main():
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--quick", action="store_true", help="CPU smoke run (quickstart model)")
   parser.add_argument("--skip", choices=["sampling", "inception"], default=None)
+  parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="change the sampled model's config (repeatable)")
+  parser.add_argument("--suffix", default="", help="added to the result file names")
   args = parser.parse_args()
   device = jax.devices()[0]
   result = {"device": device.device_kind, "devices": jax.device_count(),
-            "jax": jax.__version__, "backend": jax.default_backend()}
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if args.skip != "inception":
     result["inception"] = bench_inception(8 if args.quick else 500, 64 if args.quick else 256,
                                           2 if args.quick else 5)
     print(json.dumps(result["inception"], indent=1), flush=True)
   if args.skip != "sampling":
-    result["sampling"] = (bench_sampling("quickstart", 8, 16, 5, 1.5) if args.quick else
-                          bench_sampling("imagenet256", 64, 1000, 50, 1.5))
+    result["sampling"] = (bench_sampling("quickstart", 8, 16, 5, 1.5, args.set) if args.quick
+                          else bench_sampling("imagenet256", 64, 1000, 50, 1.5, args.set))
     print(json.dumps(result["sampling"], indent=1), flush=True)
-  name = device.device_kind.replace(" ", "_")
+  name = device.device_kind.replace(" ", "_") + args.suffix
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"sample_throughput_{name}.json"), "w") as f:
     json.dump(result, f, indent=1)
@@ -126,11 +132,12 @@ def main():
 
 def markdown(r) -> str:
   lines = [f"# Sampling and Inception throughput: {r['devices']}x {r['device']}, jax {r['jax']}",
-           ""]
+           ""] + ([f"`XLA_FLAGS={r['xla_flags']}`", ""] if r.get("xla_flags") else [])
   if "sampling" in r:
     s = r["sampling"]
-    lines += [f"`generate`, {s['config']} ({s['dtype']}), {s['sampler']} {s['steps']} steps, "
-              f"guidance {s['guidance_scale']}, batch {s['batch']}:", "",
+    changes = f" with `{' '.join(s['overrides'])}`" if s.get("overrides") else ""
+    lines += [f"`generate`, {s['config']}{changes} ({s['dtype']}), {s['sampler']} "
+              f"{s['steps']} steps, guidance {s['guidance_scale']}, batch {s['batch']}:", "",
               "| first call (compile + run) | next calls | images/s per call | "
               f"{s['images']} images | extrapolated to 50,000 |", "|---|---|---|---|---|",
               f"| {s['first_call_s']:.1f} s | {', '.join(f'{t:.2f}' for t in s['next_calls_s'])}"

@@ -64,8 +64,9 @@ def ladder_config(model: str, size: int):
   return config
 
 
-def case_config(case: str, batch: int):
-  """`config[:arg]` of configs/, or `ladder-hdit-SIZE` / `ladder-dit-SIZE`."""
+def case_config(case: str, batch: int, overrides=()):
+  """`config[:arg]` of configs/, or `ladder-hdit-SIZE` / `ladder-dit-SIZE`, with `overrides`
+  (`section.key=value`) applied."""
   if case.startswith("ladder-"):
     _, model, size = case.split("-")
     config = ladder_config(model, int(size))
@@ -74,10 +75,11 @@ def case_config(case: str, batch: int):
     config = load_config(name, arg or None)
   config.data.update(batch_size=batch, source="synthetic")
   config.mesh.update(data=-1, fsdp=1, tensor=1)
-  return config
+  from hdit_jax.config import apply_overrides  # pylint: disable=import-outside-toplevel
+  return apply_overrides(config, overrides)
 
 
-def prepare_case(case: str, batch: int):
+def prepare_case(case: str, batch: int, overrides=()):
   """(config, jitted train step, fresh state, synthetic batch on the devices, key) of a case,
   over every local device."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -86,7 +88,7 @@ def prepare_case(case: str, batch: int):
   from hdit_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
   from hdit_jax.training.step import jit_train_step  # pylint: disable=import-outside-toplevel
 
-  config = case_config(case, batch)
+  config = case_config(case, batch, overrides)
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices())
   model_def, _, shardings, tx, init = state_lib.setup(config, mesh, dict(config.sharding_rules))
   step = jit_train_step(config, model_def, tx, mesh, shardings)
@@ -103,14 +105,14 @@ def prepare_case(case: str, batch: int):
   return config, step, state, batch_data, jax.random.key(0)
 
 
-def measure(case: str, batch: int, steps: int, warmup: int) -> dict:
+def measure(case: str, batch: int, steps: int, warmup: int, overrides=()) -> dict:
   """One case in this process (see the module docstring)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from hdit_jax import flops  # pylint: disable=import-outside-toplevel
   from hdit_jax.training import metrics  # pylint: disable=import-outside-toplevel
 
-  config, step, state, batch_data, key = prepare_case(case, batch)
+  config, step, state, batch_data, key = prepare_case(case, batch, overrides)
   devices = jax.devices()
   size = int(config.data.image_size)
   start = time.perf_counter()
@@ -133,6 +135,7 @@ def measure(case: str, batch: int, steps: int, warmup: int) -> dict:
   memory = devices[0].memory_stats() or {}
   return {
       "case": case, "batch": batch, "devices": len(devices), "device": devices[0].device_kind,
+      "overrides": list(overrides),
       "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "image_size": size, "dtype": config.model.dtype, "fwd_gmacs_per_image": gmacs,
       "first_call_s": first_call, "step_ms": median * 1e3,
@@ -145,10 +148,12 @@ def measure(case: str, batch: int, steps: int, warmup: int) -> dict:
   }
 
 
-def run_case(case: str, batch: int, steps: int, warmup: int, timeout: float) -> dict:
+def run_case(case: str, batch: int, steps: int, warmup: int, timeout: float,
+             overrides=()) -> dict:
   """`measure` in a fresh process, so that each case's peak memory is its own."""
   command = [sys.executable, __file__, "--worker", case, "--batch", str(batch),
              "--steps", str(steps), "--warmup", str(warmup)]
+  command += [f"--set={item}" for item in overrides]
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -179,7 +184,10 @@ def markdown(result: dict) -> str:
            f"jax {result['jax']}", "",
            "Synthetic data already on the device; median of "
            f"{result['steps']} steps after {result['warmup']} warm-up steps (fewer for "
-           f"{', '.join(FEW_STEPS)}: {', '.join(map(str, FEW_STEPS.values()))}).", "",
+           f"{', '.join(FEW_STEPS)}: {', '.join(map(str, FEW_STEPS.values()))})."
+           + (f" Config changes: `{' '.join(result['overrides'])}`." if result.get("overrides")
+              else "")
+           + (f" `XLA_FLAGS={result['xla_flags']}`." if result.get("xla_flags") else ""), "",
            "| case | batch | params | images/s | ms/step | ms/image | TFLOP/s/device | MFU | "
            "peak memory | first call |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in result["cases"]:
@@ -257,9 +265,12 @@ def main():
   parser.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
   parser.add_argument("--suffix", default="", help="added to the result file names")
   parser.add_argument("--report", default=None, help="rewrite the .md/.png of this .json")
+  parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="change every case's config (repeatable), e.g. model.scan_layers=True")
   args = parser.parse_args()
   if args.worker:
-    print(json.dumps(measure(args.worker, args.batch, args.steps, args.warmup)), flush=True)
+    print(json.dumps(measure(args.worker, args.batch, args.steps, args.warmup, args.set)),
+          flush=True)
     return
   if args.report:
     with open(args.report) as f:
@@ -268,10 +279,11 @@ def main():
   import jax  # pylint: disable=import-outside-toplevel
   cases = expand(["quickstart:8"] if args.quick else args.cases)
   result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-            "jax": jax.__version__, "steps": args.steps, "warmup": args.warmup, "cases": []}
+            "jax": jax.__version__, "steps": args.steps, "warmup": args.warmup,
+            "overrides": args.set, "xla_flags": os.environ.get("XLA_FLAGS", ""), "cases": []}
   for case, batch in cases:
     steps = min(args.steps, FEW_STEPS.get(case, args.steps))
-    r = run_case(case, batch, steps, min(args.warmup, steps), args.timeout)
+    r = run_case(case, batch, steps, min(args.warmup, steps), args.timeout, args.set)
     print(json.dumps(r), flush=True)
     result["cases"].append(r)
     write(result, args.out, args.suffix)   # after every case: a cut-off run keeps the others

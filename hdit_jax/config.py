@@ -4,6 +4,9 @@ Config files (`configs/*.py`) start from `base_config()` and change what differs
 unknown key in a file or on the command line (`--config.model.widths=...`) is an error.
 """
 
+import ast
+from typing import Iterable
+
 import ml_collections
 
 
@@ -177,3 +180,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
                       ("heads", "tensor"), ("mapping", None), ("classes", None))
   return c
+
+
+def apply_overrides(config: ml_collections.ConfigDict, items: Iterable[str]):
+  """Set `section.key=value` items (values read as Python literals, else as strings), as
+  `--config.section.key=value` does on the command line; an unknown key is a ValueError."""
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r}: expected section.key=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      if name not in node:
+        raise ValueError(f"override {item!r}: the config has no section {name!r}")
+      node = node[name]
+    if leaf not in node:
+      raise ValueError(f"override {item!r}: the config has no key {key!r}")
+    try:
+      node[leaf] = value
+    except TypeError as e:   # ConfigDict keeps each field's type
+      raise ValueError(f"override {item!r}: {e}") from None
+  return config
