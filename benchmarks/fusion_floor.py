@@ -8,16 +8,17 @@ At one level of a config's model (its token grid, width, heads and feed-forward 
 is a guided sampling step of 64 images), each operation the model runs between its matmuls, as
 the model computes it, is timed next to a floor: an operation that reads and writes the same
 tensors with one multiply per element (what XLA's fusion of the cheapest arithmetic over those
-bytes takes). The ratio says how much any rewrite of the operation could gain while XLA fuses
+bytes takes), a product of its inputs so that its backward, like the operation's, reads them
+again. The ratio says how much any rewrite of the operation could gain while XLA fuses
 it as one kernel between two matmuls; the TB/s column says how far that floor is from the
 device's bandwidth. Forward and forward + backward (the VJP of the operation) are timed.
 
 * `cos-sim + RoPE`: q, k and v out of the fused projection's [B, H, W, 3, heads, d_head]
   output, q and k normalised per head (cosine similarity) and rotated (axial RoPE); the floor
-  scales q and k and copies v. `RoPE without concatenate` is a variant (a rotation written as
+  squares q and k and copies v. `RoPE without concatenate` is a variant (a rotation written as
   x * c + swap(x) * s with full-width cos/sin factors), kept as the measured alternative.
 * `GEGLU`: value * GELU(gate) out of the up projection's [..., 2, d_ff]; floor value * gate.
-* `AdaRMSNorm`: RMSNorm with a per-sample gain; floor x * 2.
+* `AdaRMSNorm`: RMSNorm with a per-sample gain; floor x * x.
 * `elementwise x + 1`: a 1 GiB bfloat16 array (XLA's plain elementwise rate).
 
 Times are the mean of back-to-back calls (dispatch overlapped). Writes
@@ -108,7 +109,7 @@ def cases(batch: int, h: int, w: int, width: int, heads: int, d_head: int, d_ff:
 
   def qkv_floor(qkv):
     q, k, v = split(qkv)
-    return q * 2, k * 2, v
+    return q * q, k * k, v
 
   up = normal(keys[2], (batch, h, w, 2, d_ff))
   up_ct = normal(keys[3], (batch, h, w, d_ff))
@@ -120,11 +121,11 @@ def cases(batch: int, h: int, w: int, width: int, heads: int, d_head: int, d_ff:
       ("cos-sim + RoPE", cos_sim_rope, qkv, qkv_ct, 2 * two),
       ("RoPE without concatenate", lambda t: cos_sim_rope(t, rope_without_concatenate), qkv,
        qkv_ct, 2 * two),
-      ("floor: q * 2, k * 2, v", qkv_floor, qkv, qkv_ct, 2 * two),
+      ("floor: q * q, k * k, v", qkv_floor, qkv, qkv_ct, 2 * two),
       ("GEGLU", layers.geglu, up, up_ct, 3 * up.size),
       ("floor: value * gate", lambda t: t[..., 0, :] * t[..., 1, :], up, up_ct, 3 * up.size),
       ("AdaRMSNorm", lambda t: layers.rms_norm(t, gain, 1e-6), x, x, 4 * x.size),
-      ("floor: x * 2", lambda t: t * 2, x, x, 4 * x.size),
+      ("floor: x * x", lambda t: t * t, x, x, 4 * x.size),
       (f"elementwise x + 1 ({2 * big.size / 2 ** 30:g} GiB)", lambda t: t + 1, big, big,
        4 * big.size),
   ]

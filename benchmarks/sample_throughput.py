@@ -56,8 +56,21 @@ def timed(fn):
   return out, time.perf_counter() - start
 
 
+# What bench_sampling sets itself, so that --set may not change it.
+HARNESS_KEYS = ("sampling.sampler", "sampling.steps", "sampling.guidance_scale",
+                "sampling.batch_size")
+
+
+def check_overrides(overrides):
+  for item in overrides:
+    if item.partition("=")[0] in HARNESS_KEYS:
+      raise ValueError(f"override {item!r}: set by the harness (DPM++(2M), 50 steps, "
+                       "guidance 1.5, batch 64)")
+
+
 def bench_sampling(config_name: str, batch: int, total: int, steps: int, guidance: float,
                    overrides=()):
+  check_overrides(overrides)
   config = apply_overrides(load_config(config_name), overrides)
   config.sampling.update(sampler="dpmpp_2m", steps=steps, guidance_scale=guidance,
                          batch_size=batch)
@@ -109,6 +122,11 @@ def main():
                       help="change the sampled model's config (repeatable)")
   parser.add_argument("--suffix", default="", help="added to the result file names")
   args = parser.parse_args()
+  try:   # a bad --set is a usage error, before anything runs
+    check_overrides(args.set)
+    apply_overrides(load_config("quickstart" if args.quick else "imagenet256"), args.set)
+  except ValueError as e:
+    parser.error(str(e))
   device = jax.devices()[0]
   result = {"device": device.device_kind, "devices": jax.device_count(),
             "jax": jax.__version__, "backend": jax.default_backend(),

@@ -35,6 +35,8 @@ LADDER_BATCH = {128: 64, 256: 32, 512: 16, 1024: 4}
 # DiT-B/4 at 512 and 1024 (6.3 and 85 TMACs per image) are timed over fewer steps.
 FEW_STEPS = {"ladder-dit-512": 5, "ladder-dit-1024": 3}
 DEFAULT_CASES = ("imagenet256:64,128", "ffhq1024:16", "ladder")
+# What each case sets itself (with every mesh.* key), so that --set may not change it.
+HARNESS_KEYS = ("data.batch_size", "data.source")
 
 
 def load_config(name: str, arg=None):
@@ -76,6 +78,9 @@ def case_config(case: str, batch: int, overrides=()):
   config.data.update(batch_size=batch, source="synthetic")
   config.mesh.update(data=-1, fsdp=1, tensor=1)
   from hdit_jax.config import apply_overrides  # pylint: disable=import-outside-toplevel
+  for item in overrides:
+    if item.partition("=")[0] in HARNESS_KEYS or item.startswith("mesh."):
+      raise ValueError(f"override {item!r}: set by the harness (the batch: --cases NAME:BATCH)")
   return apply_overrides(config, overrides)
 
 
@@ -266,7 +271,7 @@ def main():
   parser.add_argument("--suffix", default="", help="added to the result file names")
   parser.add_argument("--report", default=None, help="rewrite the .md/.png of this .json")
   parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                      help="change every case's config (repeatable), e.g. model.scan_layers=True")
+                      help="change every case's config (repeatable), e.g. model.remat=True")
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(measure(args.worker, args.batch, args.steps, args.warmup, args.set)),
@@ -278,6 +283,11 @@ def main():
     return
   import jax  # pylint: disable=import-outside-toplevel
   cases = expand(["quickstart:8"] if args.quick else args.cases)
+  try:   # a bad --set is a usage error, before any case runs
+    for case, batch in cases:
+      case_config(case, batch, args.set)
+  except ValueError as e:
+    parser.error(str(e))
   result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "jax": jax.__version__, "steps": args.steps, "warmup": args.warmup,
             "overrides": args.set, "xla_flags": os.environ.get("XLA_FLAGS", ""), "cases": []}

@@ -183,8 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, items: Iterable[str]):
-  """Set `section.key=value` items (values read as Python literals, else as strings), as
-  `--config.section.key=value` does on the command line; an unknown key is a ValueError."""
+  """Set `section.key=value` items: each value is read as a Python literal (`True`, `2e-4`,
+  `(1, 2)`), or kept as a string where it is none. An unknown key, or a value of another type
+  than the field's, is a ValueError naming the item."""
   for item in items:
     key, sep, text = item.partition("=")
     if not sep:
@@ -196,9 +197,11 @@ def apply_overrides(config: ml_collections.ConfigDict, items: Iterable[str]):
     *parents, leaf = key.split(".")
     node = config
     for name in parents:
-      if name not in node:
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
         raise ValueError(f"override {item!r}: the config has no section {name!r}")
       node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ValueError(f"override {item!r}: {'.'.join(parents)} is a value, not a section")
     if leaf not in node:
       raise ValueError(f"override {item!r}: the config has no key {key!r}")
     try:
