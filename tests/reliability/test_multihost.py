@@ -8,6 +8,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -57,20 +58,28 @@ def _run_two_processes(command, env: dict[str, str], what: str,
                        timeout: int) -> list[tuple[int, str, str]]:
   """(exit status, stdout, stderr) of `command(rank)` run as JAX processes 0 and 1 at once, 4
   CPU devices each; a process that outlives `timeout` fails the test."""
+  # Output to files, not pipes: while the test waits on one process, the other's full pipe
+  # would block it, and with it the first in their next collective.
+  outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
   procs = [subprocess.Popen(
-      command(rank), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      command(rank), cwd=ROOT, stdout=outputs[rank][0], stderr=outputs[rank][1], text=True,
       env=dict(os.environ, XLA_FLAGS=cli_xla_flags(devices=4), JAX_PLATFORMS="cpu",
                JAX_PROCESS_ID=str(rank), **env))
            for rank in range(2)]
   ran = []
   for rank, proc in enumerate(procs):
     try:
-      out, err = proc.communicate(timeout=timeout)
+      proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
       for p in procs:
         p.kill()
       pytest.fail(f"process {rank} of {what} hung")
-    ran.append((proc.returncode, out, err))
+    texts = []
+    for f in outputs[rank]:
+      f.seek(0)
+      texts.append(f.read())
+      f.close()
+    ran.append((proc.returncode, *texts))
   return ran
 
 

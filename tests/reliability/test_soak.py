@@ -35,22 +35,25 @@ def soak(workdir: pathlib.Path, config: pathlib.Path, steps: int, checkpoint_eve
              f"--config.training.checkpoint_every={checkpoint_every}",
              f"--config.training.keep_checkpoints={keep}", "--config.training.keep_every=0",
              "--config.training.sample_every=0", "--config.evaluation.metric=", *extra]
-  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  # stderr to a file, not a pipe: a pipe nobody reads until the end fills up (the progress bar
+  # and logs of a long run) and then blocks the training process in its next write.
+  err_path = workdir.parent / f"{workdir.name}.stderr"
   samples = []   # (step reached, RSS MiB, open files)
   metrics = workdir / "metrics.jsonl"
-  while proc.poll() is None:
-    try:
-      step = 0
-      if metrics.exists():
-        lines = metrics.read_text().splitlines()
-        step = json.loads(lines[-1])["step"] if lines else 0
-      samples.append((step, _rss_mib(proc.pid), len(os.listdir(f"/proc/{proc.pid}/fd"))))
-    except (FileNotFoundError, ProcessLookupError, ValueError, RuntimeError):
-      pass   # the process ended between two reads, or a line was half written
-    time.sleep(0.25)
-  _, err = proc.communicate()
-  assert proc.returncode == 0, err[-3000:]
+  with open(err_path, "w") as err_file:
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=err_file)
+    while proc.poll() is None:
+      try:
+        step = 0
+        if metrics.exists():
+          lines = metrics.read_text().splitlines()
+          step = json.loads(lines[-1])["step"] if lines else 0
+        samples.append((step, _rss_mib(proc.pid), len(os.listdir(f"/proc/{proc.pid}/fd"))))
+      except (FileNotFoundError, ProcessLookupError, ValueError, RuntimeError):
+        pass   # the process ended between two reads, or a line was half written
+      time.sleep(0.25)
+  assert proc.returncode == 0, err_path.read_text()[-3000:]
   samples = np.array(samples, dtype=np.float64)
   # The process's memory settles over the first few hundred steps (allocator pools, caches;
   # as much without checkpoints): compare steps [1/3, 1/2] of the run with the last sixth.
