@@ -29,7 +29,11 @@ def _rss_mib(pid: int) -> float:
 def soak(workdir: pathlib.Path, config: pathlib.Path, steps: int, checkpoint_every: int,
          keep: int, extra: tuple[str, ...] = ()) -> dict:
   """Trains `steps` steps through main, sampling the process's memory and open files."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # Two malloc arenas: glibc opens a new arena whenever a thread finds the others locked, which
+  # a loaded machine makes more likely, and each keeps its own free memory: that growth depends
+  # on the machine's load, not on what the run holds.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             MALLOC_ARENA_MAX="2")
   command = [sys.executable, "-m", "hdit_jax.main", f"--config={config}", f"--workdir={workdir}",
              f"--config.training.num_steps={steps}", "--config.training.log_every=10",
              f"--config.training.checkpoint_every={checkpoint_every}",
