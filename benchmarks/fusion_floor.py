@@ -26,10 +26,9 @@ fusion_floor_<config>_l<level>_b<batch>_<device>.json and .md.
 """
 
 import argparse
-import importlib.util
 import json
 import os
-import pathlib
+import sys
 import time
 
 import jax
@@ -38,16 +37,10 @@ import numpy as np
 
 from hdit_jax.models import attention, layers, positions
 from hdit_jax.models.spec import hdit_spec_from_config
+sys.path.insert(0, os.path.dirname(__file__))
+from train_throughput import load_config  # pylint: disable=wrong-import-position
 
-ROOT = pathlib.Path(__file__).parent.parent
 F32, BF16 = jnp.float32, jnp.bfloat16
-
-
-def load_config(name: str):
-  spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def mean_ms(fn, *args, calls: int) -> float:
@@ -184,8 +177,10 @@ def main():
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--quick", action="store_true", help="CPU smoke run (small shapes)")
   args = parser.parse_args()
-  result = (measure("quick", 0, 2, 2, shape=(8, 8, 128, 2, 64, 384), big_elements=2 ** 20) if args.quick else
-            measure(args.config, args.level, args.batch, args.calls))
+  if args.quick:
+    result = measure("quick", 0, 2, 2, shape=(8, 8, 128, 2, 64, 384), big_elements=2 ** 20)
+  else:
+    result = measure(args.config, args.level, args.batch, args.calls)
   text = markdown(result)
   print(text)
   name = (f"fusion_floor_{result['config']}_l{result['level']}_b{result['batch']}_"

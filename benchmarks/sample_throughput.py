@@ -68,10 +68,15 @@ def check_overrides(overrides):
                        "guidance 1.5, batch 64)")
 
 
+def sampling_config(config_name: str, overrides=()):
+  """The config of `config_name` with `overrides` applied (ValueError for a bad one)."""
+  check_overrides(overrides)
+  return apply_overrides(load_config(config_name), overrides)
+
+
 def bench_sampling(config_name: str, batch: int, total: int, steps: int, guidance: float,
                    overrides=()):
-  check_overrides(overrides)
-  config = apply_overrides(load_config(config_name), overrides)
+  config = sampling_config(config_name, overrides)
   config.sampling.update(sampler="dpmpp_2m", steps=steps, guidance_scale=guidance,
                          batch_size=batch)
   model = random_weights(build_model(config.model, rngs=nnx.Rngs(0)))
@@ -85,7 +90,8 @@ def bench_sampling(config_name: str, batch: int, total: int, steps: int, guidanc
   run = time.perf_counter() - start
   steady = float(np.median(calls))
   return {
-      "config": config_name, "overrides": list(overrides), "dtype": config.model.dtype, "sampler": "dpmpp_2m",
+      "config": config_name, "overrides": list(overrides), "dtype": config.model.dtype,
+      "sampler": "dpmpp_2m",
       "steps": steps, "guidance_scale": guidance, "batch": batch,
       "first_call_s": first, "next_calls_s": calls, "steady_call_s": steady,
       "second_over_steady": calls[0] / steady, "images_per_s_per_call": batch / steady,
@@ -123,8 +129,7 @@ def main():
   parser.add_argument("--suffix", default="", help="added to the result file names")
   args = parser.parse_args()
   try:   # a bad --set is a usage error, before anything runs
-    check_overrides(args.set)
-    apply_overrides(load_config("quickstart" if args.quick else "imagenet256"), args.set)
+    sampling_config("quickstart" if args.quick else "imagenet256", args.set)
   except ValueError as e:
     parser.error(str(e))
   device = jax.devices()[0]
