@@ -111,11 +111,23 @@ def _run_level(model: nnx.Module, layers: nnx.List, x: jax.Array, pos: jax.Array
                cond: jax.Array, path: str) -> jax.Array:
   for layer in layers:
     if model.remat:
-      x = nnx.remat(lambda lyr, x_: lyr(x_, pos, cond))(layer, x)
+      x = _rematerialised(layer, x, pos, cond)
     else:
       x = layer(x, pos, cond)
   recording.note_output(model, path, x)
   return x
+
+
+def _rematerialised(layer: nnx.Module, x: jax.Array, pos: jax.Array,
+                    cond: jax.Array) -> jax.Array:
+  """layer(x), recomputed in the backward pass. A layer without RNG streams runs as a pure
+  function of its weights under jax.checkpoint: nnx.remat writes the weights back, which fails
+  where the model is a constant of an inner trace (the sampler's scan). A layer that drops
+  keeps nnx.remat, which carries its RNG counts."""
+  if jax.tree.leaves(nnx.state(layer, nnx.RngState)):
+    return nnx.remat(lambda lyr, x_: lyr(x_, pos, cond))(layer, x)
+  graphdef, state = nnx.split(layer)
+  return jax.checkpoint(lambda s, x_: nnx.merge(graphdef, s)(x_, pos, cond))(state, x)
 
 
 class HDiT(nnx.Module):

@@ -53,3 +53,24 @@ def test_remat_keeps_the_gradient_and_recomputes(kind):
   assert min(norms) > 0
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_remat_hdit_runs_inside_an_inner_trace():
+  """The sampler calls the model inside its lax.scan, the weights a constant of that trace:
+  the rematerialised model gives the plain model's output there (nnx.remat's write-back of the
+  weights failed)."""
+  outputs = []
+  for remat in (False, True):
+    cfg = MODELS["hdit"].copy_and_resolve_references()
+    cfg.remat = remat
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 16, 24, 3))
+    sigma, labels = jnp.array([0.3, 1.0, 5.0]), jnp.array([1, 4, 10])
+
+    @jax.jit
+    def run(x):
+      step = lambda carry, _: (model(carry, sigma, class_cond=labels), None)
+      return jax.lax.scan(step, x, None, length=2)[0]
+
+    outputs.append(run(x))
+  np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-6, atol=1e-6)
