@@ -21,7 +21,8 @@ def build_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
   if kind == "hdit":
     return HDiT(hdit_spec_from_config(cfg), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 remat=bool(cfg.get("remat", False)),
-                attention_implementation=cfg.get("attention_implementation") or None)
+                attention_implementation=cfg.get("attention_implementation") or None,
+                qk_implementation=cfg.get("qk_implementation") or "xla")
   if kind == "dit":
     from hdit_jax.models import dit  # pylint: disable=import-outside-toplevel
     return dit.DiT(dit.dit_spec_from_config(cfg), rngs=rngs, dtype=dtype,

@@ -12,7 +12,7 @@ from flax import nnx
 from hdit_jax.models import positions
 from hdit_jax.models.layers import AdaRMSNorm, Buffer, Dtype, Linear, param
 from hdit_jax.models.spec import AttentionSpec
-from hdit_kernels import dense_attention
+from hdit_kernels import dense_attention, qk_norm_rope
 from hdit_kernels.neighborhood_attention import na2d
 
 
@@ -85,12 +85,16 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, d_model: int, cond_features: int, spec: AttentionSpec, *, rngs: nnx.Rngs,
                dropout: float = 0.0, use_rope: bool = True, shift: int = 0,
-               implementation: str | None = None, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32):
+               implementation: str | None = None, qk_implementation: str = "xla",
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+    if qk_implementation not in qk_norm_rope.IMPLEMENTATIONS:
+      raise ValueError(f"qk_implementation must be one of {qk_norm_rope.IMPLEMENTATIONS}, "
+                       f"got {qk_implementation!r}")
     self.n_heads = d_model // spec.d_head
     self.spec = spec
     self.shift = shift
     self.implementation = implementation
+    self.qk_implementation = qk_implementation
     self.norm = AdaRMSNorm(d_model, cond_features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.qkv_proj = Linear(d_model, (3, self.n_heads, spec.d_head), rngs=rngs,
                            axes=("embed", None, "heads", None), dtype=dtype,
@@ -104,14 +108,25 @@ class SelfAttention(nnx.Module):
   def __call__(self, x: jax.Array, pos: jax.Array, cond: jax.Array) -> jax.Array:
     b, h, w, d = x.shape
     qkv = self.qkv_proj(self.norm(x, cond))   # [B, H, W, 3, n_heads, d_head]
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    q, k = scale_for_cosine_sim(q, k, self.scale[...])
-    if self.pos_emb is not None:
-      theta = self.pos_emb(pos)   # [H, W, n_heads, d_head // 4]
-      q, k = positions.apply_rope(q, theta), positions.apply_rope(k, theta)
+    if self._fused_qk(qkv):
+      theta = self.pos_emb(pos)
+      q, k, v = qk_norm_rope.qk_norm_rope(
+          qkv, jnp.sqrt(self.scale[...].astype(jnp.float32)), jnp.cos(theta), jnp.sin(theta),
+          implementation=self.qk_implementation)
+    else:
+      q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+      q, k = scale_for_cosine_sim(q, k, self.scale[...])
+      if self.pos_emb is not None:
+        theta = self.pos_emb(pos)   # [H, W, n_heads, d_head // 4]
+        q, k = positions.apply_rope(q, theta), positions.apply_rope(k, theta)
     out = self._attend(q, k, v)
     out = self.dropout(out.reshape(b, h, w, d))
     return x + self.out_proj(out).astype(x.dtype)
+
+  def _fused_qk(self, qkv) -> bool:
+    """Whether the q/k preparation runs as one kernel (a named one that supports the shape)."""
+    return (self.qk_implementation != "xla" and self.pos_emb is not None
+            and qk_norm_rope.unsupported(qkv.shape, qkv.dtype) is None)
 
   def _attend(self, q, k, v):
     kind = self.spec.kind

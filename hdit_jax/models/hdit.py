@@ -91,12 +91,13 @@ class TransformerLayer(nnx.Module):
 
   def __init__(self, level: LevelSpec, cond_features: int, *, rngs: nnx.Rngs, index: int,
                use_rope: bool, feed_forward: str, implementation: str | None, dtype: Dtype,
-               param_dtype: Dtype):
+               param_dtype: Dtype, qk_implementation: str = "xla"):
     a = level.attention
     shift = a.window_size // 2 if (a.kind == "shifted-window" and index % 2) else 0
     self.self_attn = None if a.kind == "none" else SelfAttention(
         level.width, cond_features, a, rngs=rngs, dropout=level.dropout, use_rope=use_rope,
-        shift=shift, implementation=implementation, dtype=dtype, param_dtype=param_dtype)
+        shift=shift, implementation=implementation, qk_implementation=qk_implementation,
+        dtype=dtype, param_dtype=param_dtype)
     self.ff = FeedForward(level.width, level.d_ff, rngs=rngs, cond_features=cond_features,
                           dropout=level.dropout, activation=feed_forward, dtype=dtype,
                           param_dtype=param_dtype)
@@ -136,12 +137,14 @@ class HDiT(nnx.Module):
   Call: model(x [B, H, W, C] (already multiplied by c_in), sigma [B], aug_cond [B, 9] or None,
   class_cond [B] int or None, mapping_cond [B, k] or None) -> F [B, H, W, C_out] float32.
   `dtype` is the compute dtype (bfloat16 for training), parameters stay in `param_dtype`.
-  `remat` rematerialises every transformer layer in the backward pass.
+  `remat` rematerialises every transformer layer in the backward pass. `qk_implementation`
+  computes the q/k normalisation with RoPE in jnp ('xla') or in one Mosaic GPU kernel each way
+  ('mosaic_gpu', Hopper; levels whose shapes it does not support use jnp).
   """
 
   def __init__(self, spec: HDiTSpec, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, remat: bool = False,
-               attention_implementation: str | None = None):
+               attention_implementation: str | None = None, qk_implementation: str = "xla"):
     self.spec = spec
     self.remat = remat
     self.dtype = dtype
@@ -167,7 +170,8 @@ class HDiT(nnx.Module):
       return nnx.List([
           TransformerLayer(level, m, rngs=rngs, index=first_index + j, use_rope=use_rope,
                            feed_forward=spec.feed_forward,
-                           implementation=attention_implementation, **kw)
+                           implementation=attention_implementation,
+                           qk_implementation=qk_implementation, **kw)
           for j in range(level.depth)])
 
     inner, mid = spec.levels[:-1], spec.levels[-1]

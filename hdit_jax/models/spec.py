@@ -123,7 +123,7 @@ MODEL_KEYS = frozenset({
     "attention", "d_heads", "kernel_sizes", "window_sizes", "dropout_rate", "mapping_width",
     "mapping_depth", "mapping_d_ff", "mapping_dropout_rate", "mapping_cond_dim", "num_classes",
     "feed_forward", "position_embedding", "skip", "dtype", "param_dtype", "remat",
-    "attention_implementation"})
+    "attention_implementation", "qk_implementation"})
 
 
 def hdit_spec_from_config(cfg: Mapping[str, Any]) -> HDiTSpec:
