@@ -121,14 +121,27 @@ def _run_level(model: nnx.Module, layers: nnx.List, x: jax.Array, pos: jax.Array
 
 def _rematerialised(layer: nnx.Module, x: jax.Array, pos: jax.Array,
                     cond: jax.Array) -> jax.Array:
-  """layer(x), recomputed in the backward pass. A layer without RNG streams runs as a pure
-  function of its weights under jax.checkpoint: nnx.remat writes the weights back, which fails
-  where the model is a constant of an inner trace (the sampler's scan). A layer that drops
-  keeps nnx.remat, which carries its RNG counts."""
-  if jax.tree.leaves(nnx.state(layer, nnx.RngState)):
-    return nnx.remat(lambda lyr, x_: lyr(x_, pos, cond))(layer, x)
+  """layer(x), recomputed in the backward pass: a pure function of the layer's state under
+  jax.checkpoint (nnx.remat writes the whole state back, which fails where the model is a
+  constant of an inner trace: the sampler's scan). Only active dropout draws keys, so only then
+  are the advanced RNG counts written back, as the plain call would."""
   graphdef, state = nnx.split(layer)
-  return jax.checkpoint(lambda s, x_: nnx.merge(graphdef, s)(x_, pos, cond))(state, x)
+
+  def run(s, x_):
+    lyr = nnx.merge(graphdef, s)
+    return lyr(x_, pos, cond), nnx.state(lyr, nnx.RngState)
+
+  y, rng_state = jax.checkpoint(run)(state, x)
+  if _draws_keys(layer):
+    nnx.update(layer, rng_state)
+  return y
+
+
+def _draws_keys(layer: nnx.Module) -> bool:
+  """Whether a call draws from the layer's RNG streams: some dropout has a stream and is not
+  deterministic (the sampler's view of the model is)."""
+  return any(isinstance(m, nnx.Dropout) and m.rate > 0 and m.rngs is not None
+             and not m.deterministic for _, m in nnx.iter_modules(layer))
 
 
 class HDiT(nnx.Module):
