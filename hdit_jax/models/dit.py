@@ -303,7 +303,10 @@ class DiT(nnx.Module):
       c = c + self.y_embedder(class_cond)
     for block in self.blocks:
       if self.remat:
-        h = nnx.remat(lambda blk, h_: blk(h_, c))(block, h)
+        # A pure function of the block's weights (no RNG streams): nnx.remat writes them back,
+        # which fails where the model is a constant of an inner trace (the sampler's scan).
+        graphdef, state = nnx.split(block)
+        h = jax.checkpoint(lambda s, h_, c_: nnx.merge(graphdef, s)(h_, c_))(state, h, c)
       else:
         h = block(h, c)
     out = self.final_layer(h, c).reshape(b, gh, gw, -1)

@@ -67,13 +67,14 @@ def test_remat_keeps_the_gradient_and_recomputes(kind):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
-def test_remat_hdit_runs_inside_an_inner_trace():
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_remat_runs_inside_an_inner_trace(kind):
   """The sampler calls the model inside its lax.scan, the weights a constant of that trace:
   the rematerialised model gives the plain model's output there (nnx.remat's write-back of the
   weights failed)."""
   outputs = []
   for remat in (False, True):
-    cfg = MODELS["hdit"].copy_and_resolve_references()
+    cfg = MODELS[kind].copy_and_resolve_references()
     cfg.remat = remat
     model = build_model(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (3, 16, 24, 3))
