@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,8 +13,12 @@ import time
 
 # Eight CPU devices for the sharding tests; read when JAX first starts its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# Programs compiled again (a resumed run, the CLI runs of one config) come from a cache.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="hdit-jax-cache-"))
+# Programs compiled again (a resumed run, the CLI runs of one config) come from a cache, one
+# per test run: the process that makes it (not the xdist workers, which inherit it) removes it.
+_OWN_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="hdit-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # pylint: disable=wrong-import-position
@@ -22,6 +27,12 @@ import pytest
 from safetensors import numpy as st_numpy
 
 DEFAULT_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "kdiff_hdit"
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE_DIR:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 class KDiffFixtures:

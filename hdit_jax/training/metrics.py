@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Any, Mapping
@@ -56,14 +57,17 @@ class MetricWriter:
   last upload are copied, and a copy that fails is logged and made again at the next upload.
   A TensorBoard event file is closed and a new one begun once it holds `rotate_bytes`, so a
   long run's events (sample grids included) are copied up about once, not at every flush. An existing `metrics.jsonl` and `eval.jsonl` in the workdir are continued,
-  on gs:// as locally.
+  on gs:// as locally. `close` removes the local copies once everything is up (a file that
+  could not be copied keeps them, and the log says where).
   """
 
   def __init__(self, workdir: str, enabled: bool = True, *, upload_every: float = 30.0,
                rotate_bytes: int = 4 << 20):
     self.enabled = enabled
     self._remote = workdir if "://" in workdir else None
-    self._local = tempfile.mkdtemp(prefix="hdit-metrics-") if self._remote else workdir
+    self._local = workdir
+    if self._remote and enabled:
+      self._local = tempfile.mkdtemp(prefix="hdit-metrics-")
     self._upload_every, self._rotate_bytes = upload_every, rotate_bytes
     self._uploaded: dict[str, tuple[int, int]] = {}   # local path -> (size, mtime_ns) sent
     self._last_upload = time.monotonic()
@@ -149,10 +153,12 @@ class MetricWriter:
     if upload or time.monotonic() - self._last_upload >= self._upload_every:
       self._upload()
 
-  def _upload(self) -> None:
+  def _upload(self) -> bool:
+    """Copies what changed up; whether every file is up."""
     if not self._remote:
-      return
+      return True
     self._last_upload = time.monotonic()
+    complete = True
     for root, _, files in os.walk(self._local):
       for name in files:
         local = os.path.join(root, name)
@@ -168,8 +174,10 @@ class MetricWriter:
           # Storage trouble never stops training: the file is kept locally and sent next time.
           logging.warning("could not copy %s to %s (%s); it is tried again at the next "
                           "upload", local, target, error_line(e))
+          complete = False
           continue
         self._uploaded[local] = (stat.st_size, stat.st_mtime_ns)
+    return complete
 
   def close(self) -> None:
     if not self.enabled:
@@ -179,4 +187,8 @@ class MetricWriter:
     self._jsonl.close()
     if self._eval_jsonl is not None:
       self._eval_jsonl.close()
-    self._upload()
+    if not self._upload():
+      logging.warning("logs that could not be copied to %s are kept in %s", self._remote,
+                      self._local)
+    elif self._remote:
+      shutil.rmtree(self._local, ignore_errors=True)

@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -143,9 +144,10 @@ def test_the_last_save_failing_stops_the_run_with_the_reason(faulty_gcs):
   assert steps == [2] and step == 2
 
 
-def test_metric_uploads_survive_storage_errors(faulty_gcs, caplog):
+def test_metric_uploads_survive_storage_errors(faulty_gcs, caplog, tmp_path, monkeypatch):
   bucket, proxy = faulty_gcs
   workdir = f"{bucket}/logs"
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the local copies go
   writer = metrics.MetricWriter(workdir, upload_every=0)
   # 403 is not retried by gcsfs: each upload of the log fails at once, twice.
   refused = proxy.fail(lambda r: "logs/metrics.jsonl" in r.url and r.method == "POST",
@@ -160,6 +162,24 @@ def test_metric_uploads_survive_storage_errors(faulty_gcs, caplog):
   writer.close()
   lines = [json.loads(x) for x in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   assert [(x["step"], x["loss"]) for x in lines] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+  assert not list(tmp_path.glob("hdit-metrics-*"))   # all up: the local copies are gone
+
+
+def test_metrics_that_could_not_be_copied_are_kept_locally(faulty_gcs, caplog, tmp_path,
+                                                          monkeypatch):
+  bucket, proxy = faulty_gcs
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  writer = metrics.MetricWriter(f"{bucket}/kept", upload_every=3600)
+  writer.scalars(1, {"loss": np.float32(1.0)})
+  refused = proxy.fail(lambda r: "kept/metrics.jsonl" in r.url and r.method == "POST",
+                       status=403, times=1)
+  with caplog.at_level("WARNING"):
+    writer.close()   # its one upload fails
+  assert refused.hits == 1
+  (local,) = tmp_path.glob("hdit-metrics-*")
+  assert (local / "metrics.jsonl").read_text().startswith('{"step": 1')
+  assert any("are kept in" in r.getMessage() and str(local) in r.getMessage()
+             for r in caplog.records)
 
 
 @pytest.mark.bad_input

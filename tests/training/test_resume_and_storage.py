@@ -117,15 +117,21 @@ def test_gcs_save_restore_through_emulator(gcs_bucket):
 
 
 @pytest.mark.gcs
-def test_metrics_and_samples_reach_a_gs_workdir(gcs_bucket):
+def test_metrics_and_samples_reach_a_gs_workdir(gcs_bucket, tmp_path, monkeypatch):
+  import tempfile  # pylint: disable=import-outside-toplevel
   from etils import epath  # pylint: disable=import-outside-toplevel
   from hdit_jax.sampling import grid  # pylint: disable=import-outside-toplevel
   from hdit_jax.training import metrics  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the local copies go
   workdir = f"{gcs_bucket}/run"
+  metrics.MetricWriter(f"{gcs_bucket}/other", enabled=False).close()   # another host's
+  assert not list(tmp_path.glob("hdit-metrics-*"))
   writer = metrics.MetricWriter(workdir)
   writer.scalars(5, {"loss": np.float32(0.5)})
   writer.image(5, "samples", np.zeros((4, 4, 3), np.uint8))
+  assert len(list(tmp_path.glob("hdit-metrics-*"))) == 1
   writer.close()
+  assert not list(tmp_path.glob("hdit-metrics-*"))   # all up: the local copies are gone
   lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
   assert json.loads(lines[0]) == {"step": 5, "loss": 0.5}
   assert list((epath.Path(workdir) / "tensorboard").glob("events.out.tfevents.*"))
