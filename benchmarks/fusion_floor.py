@@ -17,6 +17,8 @@ device's bandwidth. Forward and forward + backward (the VJP of the operation) ar
   output, q and k normalised per head (cosine similarity) and rotated (axial RoPE); the floor
   squares q and k and copies v. `RoPE without concatenate` is a variant (a rotation written as
   x * c + swap(x) * s with full-width cos/sin factors), kept as the measured alternative.
+  `cos-sim + RoPE, one kernel` is hdit_kernels.qk_norm_rope's Mosaic GPU kernels (on a GPU; in
+  Pallas's GPU interpreter with --quick).
 * `GEGLU`: value * GELU(gate) out of the up projection's [..., 2, d_ff]; floor value * gate.
 * `AdaRMSNorm`: RMSNorm with a per-sample gain; floor x * x.
 * `elementwise x + 1`: a 1 GiB bfloat16 array (XLA's plain elementwise rate).
@@ -37,6 +39,7 @@ import numpy as np
 
 from hdit_jax.models import attention, layers, positions
 from hdit_jax.models.spec import hdit_spec_from_config
+from hdit_kernels import qk_norm_rope
 sys.path.insert(0, os.path.dirname(__file__))
 from train_throughput import load_config  # pylint: disable=wrong-import-position
 
@@ -61,6 +64,17 @@ def vjp_of(fn):
   return forward_backward
 
 
+def max_relative_error(fn, reference, x, cotangent) -> float:
+  """The largest relative L2 error of fn's outputs and x's gradient against reference's."""
+  errors = []
+  for got, want in ((jax.jit(fn)(x), jax.jit(reference)(x)),
+                    ((jax.jit(vjp_of(fn))(x, cotangent),), (jax.jit(vjp_of(reference))(x, cotangent),))):
+    for g, r in zip(got, want):
+      g, r = g.astype(F32), r.astype(F32)
+      errors.append(float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)))
+  return max(errors)
+
+
 def level_shape(config_name: str, level: int):
   config = load_config(config_name)
   spec = hdit_spec_from_config(config.model)
@@ -83,8 +97,9 @@ def rope_without_concatenate(x, theta):
 
 
 def cases(batch: int, h: int, w: int, width: int, heads: int, d_head: int, d_ff: int,
-          big_elements: int = 2 ** 29):
-  """(name, fn, input, cotangent, bytes read + written) of each operation and floor."""
+          big_elements: int = 2 ** 29, qk_kernel: str | None = None):
+  """(name, fn, input, cotangent, bytes read + written) of each operation and floor.
+  qk_kernel: 'gpu' or 'interpret' adds the one-kernel q/k preparation, run so."""
   keys = jax.random.split(jax.random.key(0), 6)
   normal = lambda key, shape: jax.random.normal(key, shape, F32).astype(BF16)
   scale = jnp.full((heads,), 10.0, F32)
@@ -100,6 +115,11 @@ def cases(batch: int, h: int, w: int, width: int, heads: int, d_head: int, d_ff:
     q, k = attention.scale_for_cosine_sim(q, k, scale)
     return rope(q, theta), rope(k, theta), v
 
+  def one_kernel(qkv):
+    return qk_norm_rope.qk_norm_rope(qkv, jnp.sqrt(scale), jnp.cos(theta), jnp.sin(theta),
+                                     implementation="mosaic_gpu",
+                                     interpret=qk_kernel == "interpret")
+
   def qkv_floor(qkv):
     q, k, v = split(qkv)
     return q * q, k * k, v
@@ -110,10 +130,13 @@ def cases(batch: int, h: int, w: int, width: int, heads: int, d_head: int, d_ff:
   gain = 1 + 0.1 * jax.random.normal(keys[5], (batch, 1, 1, width), F32)
   big = jnp.zeros((big_elements,), BF16)
   two = 2 * qkv.size   # bytes of qkv in bfloat16
+  kernel_rows = [("cos-sim + RoPE, one kernel", one_kernel, qkv, qkv_ct, 2 * two)] \
+      if qk_kernel and qk_norm_rope.unsupported(qkv.shape, qkv.dtype) is None else []
   return [
       ("cos-sim + RoPE", cos_sim_rope, qkv, qkv_ct, 2 * two),
       ("RoPE without concatenate", lambda t: cos_sim_rope(t, rope_without_concatenate), qkv,
        qkv_ct, 2 * two),
+      *kernel_rows,
       ("floor: q * q, k * k, v", qkv_floor, qkv, qkv_ct, 2 * two),
       ("GEGLU", layers.geglu, up, up_ct, 3 * up.size),
       ("floor: value * gate", lambda t: t[..., 0, :] * t[..., 1, :], up, up_ct, 3 * up.size),
@@ -125,15 +148,29 @@ def cases(batch: int, h: int, w: int, width: int, heads: int, d_head: int, d_ff:
 
 
 def measure(config_name: str, level: int, batch: int, calls: int, shape=None,
-            big_elements: int = 2 ** 29) -> dict:
+            big_elements: int = 2 ** 29, qk_kernel: str | None = None) -> dict:
   h, w, width, heads, d_head, d_ff = shape or level_shape(config_name, level)
-  rows = []
+  rows, fns = [], {}
   for name, fn, x, cotangent, nbytes in cases(batch, h, w, width, heads, d_head, d_ff,
-                                              big_elements):
-    forward = mean_ms(fn, x, calls=calls)
-    both = mean_ms(vjp_of(fn), x, cotangent, calls=calls)
+                                              big_elements, qk_kernel):
+    fns[name], extra = fn, {}
+    try:
+      if name.endswith("one kernel"):   # checked against the model's computation first
+        error = max_relative_error(fn, fns["cos-sim + RoPE"], x, cotangent)
+        if error > 2e-2:
+          raise ValueError(f"relative error {error:.3g} against cos-sim + RoPE")
+        extra["max_rel_error"] = error
+      forward = mean_ms(fn, x, calls=calls)
+      both = mean_ms(vjp_of(fn), x, cotangent, calls=calls)
+    except Exception as e:  # pylint: disable=broad-except
+      if not name.endswith("one kernel"):
+        raise
+      # A kernel that fails on this device is reported in its row; the rest is still timed.
+      rows.append({"op": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+      print(json.dumps(rows[-1]), flush=True)
+      continue
     rows.append({"op": name, "forward_ms": forward, "forward_backward_ms": both,
-                 "forward_bytes": nbytes, "forward_tb_s": nbytes / forward / 1e9})
+                 "forward_bytes": nbytes, "forward_tb_s": nbytes / forward / 1e9, **extra})
     print(json.dumps(rows[-1]), flush=True)
   device = jax.devices()[0]
   return {"device": device.device_kind, "jax": jax.__version__, "config": config_name,
@@ -160,6 +197,9 @@ def markdown(r: dict) -> str:
       floor = None
   for row in r["rows"]:
     f = row.pop("_floor")
+    if "error" in row:
+      lines.append(f"| {row['op']} | failed: {row['error']} | | | | | |")
+      continue
     ratio = lambda key: f"{row[key] / f[key]:.2f}" if f and not row["op"].startswith("floor") \
         else ""
     lines.append(f"| {row['op']} | {row['forward_ms']:.3f} | {ratio('forward_ms')} | "
@@ -178,9 +218,11 @@ def main():
   parser.add_argument("--quick", action="store_true", help="CPU smoke run (small shapes)")
   args = parser.parse_args()
   if args.quick:
-    result = measure("quick", 0, 2, 2, shape=(8, 8, 128, 2, 64, 384), big_elements=2 ** 20)
+    result = measure("quick", 0, 2, 2, shape=(8, 8, 128, 2, 64, 384), big_elements=2 ** 20,
+                     qk_kernel="interpret")
   else:
-    result = measure(args.config, args.level, args.batch, args.calls)
+    result = measure(args.config, args.level, args.batch, args.calls,
+                     qk_kernel="gpu" if jax.default_backend() == "gpu" else None)
   text = markdown(result)
   print(text)
   name = (f"fusion_floor_{result['config']}_l{result['level']}_b{result['batch']}_"

@@ -45,3 +45,31 @@ def test_each_operation_is_divided_by_its_own_floor():
            not l.startswith("| operation")}
   assert lines["a"][2] == "2.00" and lines["a2"][2] == "3.00" and lines["b"][2] == "4.00"
   assert lines["floor: a"][2] == "" and lines["elementwise x + 1"][2] == ""
+
+
+def test_the_one_kernel_row_computes_cos_sim_with_rope():
+  """The kernel row (Mosaic GPU, here interpreted) computes what the `cos-sim + RoPE` row does."""
+  rows = {name: (fn, x) for name, fn, x, _, _ in
+          fusion_floor.cases(2, 8, 8, 128, 2, 64, 384, big_elements=16, qk_kernel="interpret")}
+  kernel, qkv = rows["cos-sim + RoPE, one kernel"]
+  xla, _ = rows["cos-sim + RoPE"]
+  for got, want in zip(kernel(qkv), xla(qkv)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2e-2, atol=2e-2)
+  assert "cos-sim + RoPE, one kernel" not in [
+      c[0] for c in fusion_floor.cases(2, 8, 8, 128, 2, 64, 384, big_elements=16)]
+
+
+def test_a_wrong_kernel_is_reported_not_timed(monkeypatch):
+  real = fusion_floor.qk_norm_rope.qk_norm_rope
+
+  def rotated_the_wrong_way(qkv, gain, cos, sin, **kw):
+    return real(qkv, gain, cos, -sin, **kw)
+
+  monkeypatch.setattr(fusion_floor.qk_norm_rope, "qk_norm_rope", rotated_the_wrong_way)
+  result = fusion_floor.measure("quick", 0, 1, 1, shape=(8, 8, 128, 2, 64, 384),
+                                big_elements=16, qk_kernel="interpret")
+  rows = {r["op"]: r for r in result["rows"]}
+  assert "relative error" in rows["cos-sim + RoPE, one kernel"]["error"]
+  assert rows["GEGLU"]["forward_ms"] > 0   # the others are still timed
+  assert "failed: ValueError" in fusion_floor.markdown(result)
