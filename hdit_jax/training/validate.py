@@ -2,6 +2,8 @@
 
 from typing import Any
 
+import jax
+
 from hdit_jax.config import base_config
 from hdit_jax.data.sources import SOURCES
 from hdit_jax.data.transforms import FITS
@@ -11,12 +13,16 @@ from hdit_jax.evaluation.digits import NUM_CLASSES as DIGIT_CLASSES
 from hdit_jax.evaluation.evaluator import evaluation_settings
 from hdit_jax.sampling.generate import SamplerSettings
 from hdit_jax.training.mesh import mesh_shape
+from hdit_kernels import qk_norm_rope
+from hdit_kernels.neighborhood_attention import IMPLEMENTATIONS as NA_IMPLEMENTATIONS
 
 # Sections whose keys must be a subset of the base config's (the model section has its own
 # checks in the model specs).
 _CHECKED_SECTIONS = ("diffusion", "optimizer", "ema", "data", "training", "sampling",
                      "evaluation", "mesh")
 METRICS = ("", "fid", "digits")
+# The backend each named kernel runs on (a kernel is lowered for its own platform only).
+_KERNEL_BACKENDS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "mosaic_gpu": "gpu"}
 
 
 def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
@@ -33,10 +39,13 @@ class ConfigError(ValueError):
   """A config or workdir that cannot run; the message names the key and what to change."""
 
 
-def validate_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
-  """Raise ConfigError for the first class of problems found in `config`."""
+def validate_config(config: Any, num_devices: int, num_processes: int = 1,
+                    backend: str | None = None) -> None:
+  """Raise ConfigError for the first class of problems found in `config`; `backend` (default
+  jax's) is where the named kernels must run."""
   try:
     _validate(config, num_devices, num_processes)
+    _validate_kernels(config.model, backend or jax.default_backend())
   except ConfigError:
     raise
   except ValueError as err:   # the checks of the model specs and sampler settings
@@ -115,6 +124,22 @@ def _validate(config: Any, num_devices: int, num_processes: int) -> None:
                      "non-finite step)")
 
   _validate_sampling(config)
+
+
+def _validate_kernels(model: Any, backend: str) -> None:
+  """model.attention_implementation and model.qk_implementation: known names, for this backend."""
+  for key, names in (("attention_implementation", NA_IMPLEMENTATIONS),
+                     ("qk_implementation", qk_norm_rope.IMPLEMENTATIONS)):
+    name = model.get(key, "") or ""
+    if not name:
+      continue
+    if name not in names:
+      raise ValueError(f"model.{key} {name!r} is not one of {('',) + tuple(names)} ('' picks "
+                       "the default)")
+    needs = _KERNEL_BACKENDS.get(name)
+    if needs and needs != backend:
+      raise ValueError(f"model.{key} {name!r} runs on {needs.upper()}s, and this run's backend "
+                       f"is {backend}: use '' (the default) or 'xla'")
 
 
 def _validate_sampling(config: Any) -> None:

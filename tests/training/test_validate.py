@@ -62,9 +62,43 @@ def test_unknown_keys_are_named():
     validate_config(config, num_devices=8)
 
 
+@pytest.mark.parametrize("key, name, backend, message", [
+    ("attention_implementation", "natten", "gpu", "is not one of"),
+    ("qk_implementation", "triton", "gpu", "is not one of"),
+    ("attention_implementation", "pallas_tpu", "gpu", "runs on TPUs"),
+    ("attention_implementation", "mosaic_gpu", "cpu", "runs on GPUs"),
+    ("qk_implementation", "mosaic_gpu", "tpu", "runs on GPUs"),
+])
+def test_kernel_choices_are_checked(key, name, backend, message):
+  config = tiny_config()
+  config.model[key] = name
+  with pytest.raises(ValueError, match=message):
+    validate_config(config, num_devices=8, backend=backend)
+
+
+@pytest.mark.parametrize("key, name, backend", [
+    ("attention_implementation", "", "cpu"), ("attention_implementation", "xla", "tpu"),
+    ("attention_implementation", "pallas_tpu", "tpu"), ("qk_implementation", "mosaic_gpu", "gpu"),
+    ("qk_implementation", "xla", "cpu")])
+def test_kernel_choices_for_their_backend_pass(key, name, backend):
+  config = tiny_config()
+  config.model[key] = name
+  validate_config(config, num_devices=8, backend=backend)
+
+
 def test_unknown_override_on_the_command_line(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "hdit_jax.main", "--config=configs/quickstart.py",
        f"--workdir={tmp_path}", "--config.optimizer.learnin_rate=3"],
       capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert result.returncode != 0 and "learnin_rate" in result.stderr
+
+
+def test_a_kernel_for_another_backend_is_a_one_line_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "hdit_jax.main", "--config=configs/quickstart.py",
+       f"--workdir={tmp_path}", "--config.model.qk_implementation=mosaic_gpu"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode != 0 and "model.qk_implementation 'mosaic_gpu' runs on GPUs" in \
+      result.stderr
+  assert "Traceback" not in result.stderr
