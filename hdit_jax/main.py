@@ -45,6 +45,7 @@ _STORAGE_TIMEOUT = flags.DEFINE_float("storage_timeout", 20.0, "Seconds a gs:// 
 
 
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL
+INTERRUPTED_EXIT_CODE = 130   # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _announces_several_processes() -> bool:
@@ -140,6 +141,14 @@ def main(argv):
     _exit_with_error(str(e))   # a mismatched checkpoint, too: the config is not the run's
   except (trainer.TrainingHalted, ckpt_lib.CheckpointError, workdir_lib.StorageUnreachable) as e:
     _exit_with_error(str(e), status=1)   # a run that cannot go on: as plainly said
+  except trainer.Interrupted as e:
+    print(f"{e} in {workdir_lib.checkpoint_dir(_WORKDIR.value)}: the same command resumes",
+          file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT_CODE)
+  except KeyboardInterrupt:   # before the loop, or a second Ctrl-C
+    print("interrupted; the checkpoints saved before are intact: the same command resumes",
+          file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 def _run(config, workdir: str) -> None:

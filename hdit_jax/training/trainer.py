@@ -36,6 +36,14 @@ class TrainingHalted(RuntimeError):
   last complete checkpoint is intact."""
 
 
+class Interrupted(Exception):
+  """Stopped by Ctrl-C with the step's checkpoint saved."""
+
+  def __init__(self, step: int):
+    super().__init__(f"interrupted at step {step}: checkpoint saved")
+    self.step = step
+
+
 class SaveFailures:
   """Counts failed checkpoint saves and stops the run after more than `limit` in a row."""
 
@@ -239,6 +247,8 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
         if final:
           save_failures.account(checkpointer.finished(block=True), final_step=step)
       if preempted:
+        if watcher.interrupted:
+          raise Interrupted(step)
         logging.warning("preempted at step %d: checkpoint saved, exiting", step)
         return state
     export_ema(config, model_def, state, ema_path(workdir, step),

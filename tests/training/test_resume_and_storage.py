@@ -56,7 +56,11 @@ def _final_state(workdir: pathlib.Path, step: int):
 
 
 @pytest.mark.resume
-def test_sigterm_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("signum, exit_code, said", [
+    (signal.SIGTERM, 75, "stopped at step"),      # EX_TEMPFAIL: stopped early, resumable
+    (signal.SIGINT, 130, "interrupted at step"),  # Ctrl-C: saved, and stopped as the user asked
+])
+def test_a_stop_then_resume_is_bit_identical(tmp_path, signum, exit_code, said):
   steps = 12
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   subprocess.run(_train_command(straight, steps), env=_env(), check=True, capture_output=True)
@@ -68,9 +72,9 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
   while _last_step(interrupted) < stop_after and process.poll() is None:
     assert time.time() < deadline, "the run did not reach the step to interrupt"
     time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   output = process.communicate(timeout=300)[0].decode()
-  assert process.returncode == 75, output   # EX_TEMPFAIL: stopped early, resumable
+  assert process.returncode == exit_code and said in output and "Traceback" not in output, output
   saved = ckpt_lib.Checkpointer(str(interrupted / "checkpoints"), keep=2)
   preempted_at = saved.latest_step()
   saved.close()
