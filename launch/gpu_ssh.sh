@@ -6,17 +6,41 @@
 # HOSTS is a comma-separated list (the first is the coordinator, port $HDIT_COORDINATOR_PORT,
 # default 12345). Each host needs this checkout at the same path, installed (`pip install -e .`)
 # and the data and WORKDIR readable (gs:// or a shared file system). The logs go to
-# ~/hdit-train-HOST.log on each host. --dry-run prints the ssh commands without running them.
+# ~/hdit-train-HOST.log on each host. --dry-run, anywhere on the command line, prints the ssh
+# commands without running them; an option the script does not know is refused.
 set -euo pipefail
 
-dry_run=0
-if [[ ${1:-} == --dry-run ]]; then
-  dry_run=1
-  shift
-fi
-if (($# < 3)); then
+usage() {
   sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
   exit 2
+}
+
+unknown_option() {
+  echo "unknown option $1 (options: --dry-run; training flags: --config.KEY=VALUE," \
+    "--FLAG=VALUE)" >&2
+  exit 2
+}
+
+# Options anywhere (before, between or after the arguments); the trainer's --config.x=y
+# overrides (and its other --flag=value flags, e.g. --mode=sample) pass through in order. An
+# unknown option is an error, never a training argument: a misplaced or misspelt --dry-run must
+# not ssh for real.
+dry_run=0
+args=()
+for arg in "$@"; do
+  case $arg in
+    --dry-run) dry_run=1 ;;
+    -h | --help) usage ;;
+    --config.*) args+=("$arg") ;;
+    --dry*) unknown_option "$arg" ;;
+    --?*=*) args+=("$arg") ;;
+    -*) unknown_option "$arg" ;;
+    *) args+=("$arg") ;;
+  esac
+done
+set -- ${args[@]+"${args[@]}"}
+if (($# < 3)); then
+  usage
 fi
 IFS=, read -r -a hosts <<< "$1"
 shift

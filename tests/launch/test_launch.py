@@ -26,10 +26,11 @@ def _executable(path: pathlib.Path, text: str) -> None:
 
 @pytest.fixture(name="no_tools")
 def _no_tools(tmp_path):
-  """An environment whose gcloud, git, ssh and srun only record that they were called."""
+  """An environment whose gcloud, git, ssh, srun and sbatch only record that they were called
+  (and fail)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  for tool in ("gcloud", "git", "ssh", "srun", "scontrol"):
+  for tool in ("gcloud", "git", "ssh", "srun", "sbatch", "scontrol"):
     _executable(bin_dir / tool, f"#!/bin/sh\necho {tool} >> {tmp_path / 'called'}\nexit 99\n")
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
   return env, tmp_path / "called"
@@ -284,4 +285,83 @@ def test_options_anywhere_and_unknown_ones_refused(no_tools):
     done = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), *args], capture_output=True,
                           text=True, env=env, timeout=60)
     assert done.returncode == 2 and "unknown option" in done.stderr, (args, done.stderr)
+  assert not called.exists()
+
+
+# The GPU launchers' arguments before the --config.* overrides.
+GPU_ARGS = {"gpu_ssh.sh": ("h0,h1,h2", "configs/ffhq1024.py", "gs://b/w"),
+            "gpu_slurm.sbatch": ("configs/ffhq1024.py", "gs://b/w")}
+
+
+def _launch(script: str, *args: str, env) -> subprocess.CompletedProcess:
+  return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
+                        env=env, timeout=60)
+
+
+def _training_args(command: list[str]) -> list[str]:
+  """What a printed ssh or srun command hands to launch/gpu_multihost.sh."""
+  if command[0] == "ssh":   # the remote shell's command line, up to its log redirection
+    argv = shlex.split(command[2])
+    argv = argv[:argv.index(">")]
+  else:
+    argv = command
+  return argv[argv.index("launch/gpu_multihost.sh") + 1:]
+
+
+@pytest.mark.parametrize("script", sorted(GPU_ARGS))
+@pytest.mark.parametrize("where", ["last", "among the overrides", "between the arguments"])
+def test_gpu_dry_run_anywhere(no_tools, script, where):
+  """--dry-run after the arguments, or among them, is the same dry run as --dry-run first:
+  nothing is run (a fake ssh/srun first on PATH would record it) and the flag is not handed on
+  to training."""
+  env, called = no_tools
+  positional = GPU_ARGS[script]
+  first, _ = _dry(script, "--dry-run", *positional, *OVERRIDES, env=env)
+  args = {"last": [*positional, *OVERRIDES, "--dry-run"],
+          "among the overrides": [*positional, *OVERRIDES[:2], "--dry-run", *OVERRIDES[2:]],
+          "between the arguments": [positional[0], "--dry-run", *positional[1:], *OVERRIDES],
+          }[where]
+  result = _launch(script, *args, env=env)
+  assert not called.exists(), f"ran {called.read_text().split()} in a dry run"
+  assert result.returncode == 0, result.stderr
+  commands = [shlex.split(line[2:]) for line in result.stdout.splitlines()
+              if line.startswith("+ ")]
+  assert commands == first and len(commands) == (3 if script == "gpu_ssh.sh" else 1)
+  for command in commands:
+    assert _training_args(command) == [*positional[-2:], *OVERRIDES]
+    assert "--dry-run" not in _training_args(command)
+
+
+def test_gpu_launchers_without_dry_run_do_run(no_tools, tmp_path):
+  """The fakes catch a real launch: without --dry-run, ssh (once per host) and srun are run."""
+  env, called = no_tools
+  env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+  done = _launch("gpu_ssh.sh", *GPU_ARGS["gpu_ssh.sh"], "--config.seed=1", env=env)
+  assert done.returncode == 99 and called.read_text().split() == ["ssh"] * 3
+  called.unlink()
+  done = _launch("gpu_slurm.sbatch", *GPU_ARGS["gpu_slurm.sbatch"], "--config.seed=1", env=env)
+  assert done.returncode == 99 and called.read_text().split() == ["srun"]
+
+
+@pytest.mark.parametrize("script", sorted(GPU_ARGS))
+@pytest.mark.parametrize("option", ["--dryrun", "-dry-run", "--dry_run", "--dry-run=yes", "-n",
+                                    "--verbose"])
+def test_gpu_unknown_options_refused(no_tools, script, option):
+  """A misspelt --dry-run (or any option the launcher does not know) is refused before
+  anything runs, not handed on to training on every host."""
+  env, called = no_tools
+  done = _launch(script, *GPU_ARGS[script], "--config.seed=1", option, env=env)
+  assert done.returncode == 2 and f"unknown option {option}" in done.stderr, done.stderr
+  assert not called.exists()
+
+
+@pytest.mark.parametrize("script", sorted(GPU_ARGS))
+def test_gpu_training_flags_pass_through(no_tools, script):
+  """The trainer's own --flag=value flags, and --config.* overrides of any shape, reach
+  launch/gpu_multihost.sh unchanged and in order."""
+  env, called = no_tools
+  flags = ["--mode=sample", "--config.seed=3", "--num_images=8", "--config.data.name=--dry-run"]
+  commands, _ = _dry(script, *GPU_ARGS[script], *flags, "--dry-run", env=env)
+  for command in commands:
+    assert _training_args(command) == [*GPU_ARGS[script][-2:], *flags]
   assert not called.exists()
