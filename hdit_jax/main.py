@@ -8,6 +8,7 @@ Run the same command on every host of a TPU slice; `jax.distributed.initialize()
 others (it is skipped on one host).
 """
 
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -25,7 +26,7 @@ from hdit_jax.training import metrics as metrics_lib
 from hdit_jax.training import trainer
 from hdit_jax.training import workdir as workdir_lib
 from hdit_jax.training.export import ema_path, export_ema
-from hdit_jax.training.validate import ConfigError
+from hdit_jax.training.validate import ConfigError, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -77,16 +78,83 @@ def _exit_with_error(message: str, status: int = 2) -> None:
   sys.exit(status)
 
 
+def _flag_values(argv: list[str], name: str) -> list[str]:
+  """The values given to --name (as --name=v or --name v), in order."""
+  values = []
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      values.append(arg.split("=", 1)[1])
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      values.append(argv[i + 1])
+  return values
+
+
+def _check_config_file(argv: list[str]) -> None:
+  """The --config file's problems in one line (ml_collections reports them as tracebacks, or
+  later, as an OSError about an earlier failure): missing, not Python, no get_config, or a
+  get_config that refuses its argument."""
+  given = _flag_values(argv, "config")
+  if not given:
+    return
+  path, _, arg = given[-1].partition(":")
+  if not os.path.isfile(path):
+    _exit_with_error(f"--config: no config file {path}")
+  spec = importlib.util.spec_from_file_location("hdit_jax_checked_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    _exit_with_error(f"--config: {path} is not valid Python: {e.msg} (line {e.lineno})")
+  except Exception as e:  # pylint: disable=broad-except
+    _exit_with_error(f"--config: loading {path} failed: {type(e).__name__}: {e}")
+  if not callable(getattr(module, "get_config", None)):
+    _exit_with_error(f"--config: {path} defines no get_config(), which a config file must "
+                     "(see configs/quickstart.py)")
+  try:
+    module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    _exit_with_error(f"--config: {given[-1]}: {e}")
+
+
+def _override_error(error: Exception, argv: list[str]) -> str:
+  """A failed --config.* override, named: ml_collections says only the key (`'widht'`)."""
+  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+  if isinstance(error, (KeyError, AttributeError)) and error.args:
+    key = str(error.args[0]).strip("'\"")
+    for override in overrides:
+      path = override.split("=", 1)[0]
+      if key in path.split("."):
+        return (f"--config.{path}: the config has no key {key!r}. Every key must exist in "
+                "hdit_jax/config.py (its defaults) or the config file.")
+  return (f"a --config.* override cannot be applied: {error}. Every key must exist in "
+          "hdit_jax/config.py (its defaults) and take a value of the default's type.")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a config override that names no key (or a value of the wrong
-  type) reported in one line instead of ml_collections' traceback."""
+  """absl's flag parsing, with a config file's problems and a config override that names no
+  key (or a value of the wrong type) reported in one line instead of ml_collections'
+  traceback."""
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:   # absl's own report exits 1; every user error here exits 2
     _exit_with_error(f"{e} (--helpfull lists the flags)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    _exit_with_error(f"a --config.* override cannot be applied: {e}. Every key must exist in "
-                "hdit_jax/config.py (its defaults) and take a value of the default's type.")
+    _exit_with_error(_override_error(e, argv))
+
+
+def _check_workdir(workdir: str) -> None:
+  """A local workdir must be a directory, or one that training can create (nothing is created
+  here: a run refused for its config leaves no workdir behind)."""
+  if "://" in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _exit_with_error(f"--workdir {workdir} is a file: give a directory (training creates it)")
+  parent = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    _exit_with_error(f"--workdir {workdir} cannot be created: {parent} is a file")
 
 
 def _quiet_storage_logs(record: std_logging.LogRecord) -> bool:
@@ -126,7 +194,10 @@ def exit_stranded(error: ckpt_lib.StrandedHosts) -> None:
 def main(argv):
   del argv
   if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required")
+    _exit_with_error("--config and --workdir are required (--helpfull lists the flags)")
+  if _MODE.value == "sample" and _NUM_IMAGES.value < 1:
+    _exit_with_error(f"--num_images must be at least 1, got {_NUM_IMAGES.value}")
+  _check_workdir(_WORKDIR.value)
   logging.get_absl_handler().addFilter(_quiet_storage_logs)
   _ignore_callbacks_into_closed_loops()
   initialize_distributed()
@@ -134,6 +205,8 @@ def main(argv):
                jax.process_count(), jax.device_count())
   try:
     workdir_lib.check_reachable(_WORKDIR.value, _STORAGE_TIMEOUT.value)
+    if _MODE.value != "train":   # training checks its config itself
+      validate_config(_CONFIG.value, jax.device_count(), jax.process_count())
     _run(_CONFIG.value, _WORKDIR.value)
   except ckpt_lib.StrandedHosts as e:
     exit_stranded(e)
@@ -199,8 +272,6 @@ def _say_where(config, workdir: str, step: int) -> None:
 def _sample(config, workdir: str, restored: workdir_lib.Restored) -> None:
   """workdir/samples/samples_<step>.{npz,png} (and .labels.txt), drawn over the training mesh."""
   num = _NUM_IMAGES.value
-  if num < 1:
-    raise app.UsageError(f"--num_images must be at least 1, got {num}")
   name = f"samples_{restored.step:08d}"
   out_dir = os.path.join(workdir, "samples")
   shape = tuple(config.model.input_size) + (int(config.model.input_channels),)

@@ -1,5 +1,6 @@
 """Config checks that run before anything is compiled, each error naming the offending key."""
 
+import math
 from typing import Any
 
 import jax
@@ -91,6 +92,9 @@ def _validate(config: Any, num_devices: int, num_processes: int) -> None:
   if batch % num_processes:
     raise ValueError(f"data.batch_size = {batch} is not divisible by {num_processes} hosts")
 
+  lr = float(config.optimizer.lr)
+  if not (math.isfinite(lr) and lr > 0):
+    raise ValueError(f"optimizer.lr must be a positive number, got {config.optimizer.lr}")
   diffusion = config.diffusion
   if diffusion.loss_weighting not in WEIGHTINGS:
     raise ValueError(f"diffusion.loss_weighting {diffusion.loss_weighting!r} is not one of "

@@ -31,7 +31,25 @@ def _cases(d: pathlib.Path):
   work = f"--workdir={d / 'run'}"
   return [
       # main: the config and its overrides, refused before anything is compiled
-      ("unknown key", _main(work, "--config.training.foo=1"), "foo"),
+      ("unknown key", _main(work, "--config.training.foo=1"),
+       "--config.training.foo: the config has no key 'foo'"),
+      ("missing config file", ("hdit_jax.main", f"--config={d / 'none.py'}", work),
+       "no config file"),
+      ("config file that is not Python", ("hdit_jax.main", f"--config={d / 'broken.py'}", work),
+       "is not valid Python"),
+      ("config file without get_config",
+       ("hdit_jax.main", f"--config={d / 'no_get_config.py'}", work), "defines no get_config"),
+      ("unknown config variant",
+       ("hdit_jax.main", f"--config={ROOT / 'configs' / 'imagenet128_ablation.py'}:bogus", work),
+       "unknown ablation variant 'bogus'"),
+      ("no workdir", _main(), "--config and --workdir are required"),
+      ("workdir that is a file", _main(f"--workdir={d / 'noise.bin'}"), "is a file"),
+      ("workdir under a file", _main(f"--workdir={d / 'noise.bin' / 'run'}"),
+       "cannot be created"),
+      ("negative learning rate", _main(work, "--config.optimizer.lr=-1"),
+       "optimizer.lr must be a positive number"),
+      ("a GPU kernel on the CPU", _main(work, "--config.model.qk_implementation=mosaic_gpu"),
+       "runs on GPUs"),
       ("unknown key in the config file",
        ("hdit_jax.main", f"--config={d / 'typo_config.py'}", work),
        "unknown config keys: ['training.num_step']"),
@@ -70,6 +88,11 @@ def _cases(d: pathlib.Path):
        "no checkpoints"),
       ("evaluate a missing workdir", _main(f"--workdir={d / 'none'}", "--mode=evaluate"),
        "no checkpoints"),
+      ("sample with an unknown sampler",
+       _main(f"--workdir={d / 'none'}", "--mode=sample", "--config.sampling.sampler=eulr"),
+       "unknown sampler 'eulr'"),
+      ("sample no images", _main(f"--workdir={d / 'none'}", "--mode=sample", "--num_images=0"),
+       "--num_images must be at least 1"),
       # sample: a weight file and sampler flags
       ("missing weight file", ("hdit_jax.sample", f"--weights={d / 'missing.safetensors'}"),
        "missing.safetensors"),
@@ -126,6 +149,8 @@ def _make_inputs(d: pathlib.Path) -> None:
       "  c = tiny.get_config()\n"
       "  c.training.num_step = 10\n"
       "  return c\n")
+  (d / "broken.py").write_text("def get_config(:\n")
+  (d / "no_get_config.py").write_text("x = 1\n")
   (d / "ckpt.pth").write_bytes(b"PK\x03\x04 a pickled checkpoint, as torch.save writes")
   rng = np.random.default_rng(0)
   for i in range(11):   # eleven classes of one 16x16 image
