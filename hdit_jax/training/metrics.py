@@ -49,6 +49,48 @@ def host_measurements() -> dict[str, float]:
   return out
 
 
+def _open_log(path: str):
+  """A JSONL log to append to; a last line cut short (a crash mid-write) is ended first, so
+  that the next line does not run into it."""
+  torn = False
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b"\n"
+  log = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+  if torn:
+    log.write("\n")
+  return log
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  """Moves the lines of steps after `step` out of a JSONL log (a run that went back to an
+  earlier checkpoint logs them again) to `<name>.abandoned.jsonl` beside it, so that the log
+  holds one line per step of the run as it went on and nothing is lost; lines that do not
+  parse stay."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+
+  def later(line: str) -> bool:
+    try:
+      return int(json.loads(line)["step"]) > step
+    except (ValueError, KeyError, TypeError):
+      return False
+
+  kept = [line for line in lines if not later(line)]
+  if len(kept) < len(lines):
+    abandoned = path[:-len(".jsonl")] + ".abandoned.jsonl"
+    logging.info("%s: the lines of the %d steps after step %d, which run again, moved to %s",
+                 path, len(lines) - len(kept), step, abandoned)
+    with open(abandoned, "a", encoding="utf-8") as f:
+      f.writelines(line if line.endswith("\n") else line + "\n" for line in lines
+                   if later(line))
+    with open(path, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+
+
 class MetricWriter:
   """Scalars and images to TensorBoard (tensorboardX) and scalars to `metrics.jsonl`.
 
@@ -57,12 +99,13 @@ class MetricWriter:
   last upload are copied, and a copy that fails is logged and made again at the next upload.
   A TensorBoard event file is closed and a new one begun once it holds `rotate_bytes`, so a
   long run's events (sample grids included) are copied up about once, not at every flush. An existing `metrics.jsonl` and `eval.jsonl` in the workdir are continued,
-  on gs:// as locally. `close` removes the local copies once everything is up (a file that
-  could not be copied keeps them, and the log says where).
+  on gs:// as locally; with `resume_step` (the step a run restarts from) their lines of later
+  steps are dropped, as those steps are logged again. `close` removes the local copies once
+  everything is up (a file that could not be copied keeps them, and the log says where).
   """
 
   def __init__(self, workdir: str, enabled: bool = True, *, upload_every: float = 30.0,
-               rotate_bytes: int = 4 << 20):
+               rotate_bytes: int = 4 << 20, resume_step: int | None = None):
     self.enabled = enabled
     self._remote = workdir if "://" in workdir else None
     self._local = workdir
@@ -78,8 +121,11 @@ class MetricWriter:
       os.makedirs(self._local, exist_ok=True)
       if self._remote:
         self._download(("metrics.jsonl", "eval.jsonl"))
+      if resume_step is not None:
+        for name in ("metrics.jsonl", "eval.jsonl"):
+          _drop_lines_after(os.path.join(self._local, name), resume_step)
       self._tb = self._event_writer()
-      self._jsonl = open(os.path.join(self._local, "metrics.jsonl"), "a", encoding="utf-8")
+      self._jsonl = _open_log(os.path.join(self._local, "metrics.jsonl"))
 
   def _download(self, names) -> None:
     """The remote logs to continue (their earlier lines would otherwise be overwritten)."""
@@ -127,7 +173,7 @@ class MetricWriter:
       for key, value in values.items():
         self._tb.add_scalar(f"eval/{key}", value, step)
     if self._eval_jsonl is None:
-      self._eval_jsonl = open(os.path.join(self._local, "eval.jsonl"), "a", encoding="utf-8")
+      self._eval_jsonl = _open_log(os.path.join(self._local, "eval.jsonl"))
     self._eval_jsonl.write(json.dumps({"step": step, **values}) + "\n")
     logging.info("evaluation at step %d: %s", step, values)
     self.flush(upload=True)

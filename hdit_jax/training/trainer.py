@@ -145,7 +145,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None
   forward_gmacs = flops_lib.count(config.model)["gmacs_per_image"]
   flops_per_step = metrics_lib.train_flops_per_image(forward_gmacs) * config.data.batch_size
   peak = metrics_lib.peak_flops(devices[0], training.get("peak_tflops", 0.0))
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_host0)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_host0, resume_step=start_step)
   watcher = preemption.PreemptionWatcher(checkpointer.manager)
   profile_start, profile_steps = training.profile_steps
   evaluator = (Evaluator(config, workdir, mesh, mesh_lib.BATCH_AXES)

@@ -87,7 +87,9 @@ def test_training_goes_on_from_the_newest_good_checkpoint(tmp_path, caplog):
   assert saved.manager.all_steps() == [4, 6]   # step 4 trained again, then kept with 6
   saved.close()
   losses = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
-  assert losses == [1, 2, 3, 4, 3, 4, 5, 6]   # steps 3-4 trained twice
+  assert losses == [1, 2, 3, 4, 5, 6]   # one line a step, as the run went on
+  abandoned = [json.loads(line)["step"] for line in open(tmp_path / "metrics.abandoned.jsonl")]
+  assert abandoned == [3, 4]   # the steps of the damaged checkpoint, trained again
 
 
 def _two_checkpoints(tmp_path, config):
@@ -215,7 +217,9 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_p
       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   logged = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert logged == [1, 2, 3, 4, 3, 4, 5, 6]   # steps 3 and 4 trained again after step 2
+  assert logged == [1, 2, 3, 4, 5, 6]   # steps 3 and 4 trained again after step 2 ...
+  abandoned = (workdir / "metrics.abandoned.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in abandoned] == [3, 4]   # ... their first lines kept
   final = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), keep=3)
   assert final.manager.all_steps() == [2, 4, 6]
   final.close()
