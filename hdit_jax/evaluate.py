@@ -17,6 +17,7 @@ import sys
 import jax
 from absl import app, flags
 
+from hdit_jax import cli
 from hdit_jax.evaluation import inputs, metrics
 from hdit_jax.evaluation.evaluator import features_of
 from hdit_jax.evaluation.inception import InceptionFeatures, load_inception
@@ -101,17 +102,28 @@ def _features(features: _Features) -> None:
     print(f"wrote {_SAVE_STATS.value}: mu {mu.shape}, sigma {sigma.shape}")
 
 
+SUBCOMMANDS = {"fid": _fid, "features": _features}
+
+
+def _subcommand(args: list[str]):
+  valid = " or ".join(SUBCOMMANDS)
+  if not args:
+    raise app.UsageError(f"give a subcommand, {valid}: python -m hdit_jax.evaluate "
+                         "fid|features --inception_weights=W ...")
+  if args[0] not in SUBCOMMANDS:
+    raise app.UsageError(f"unknown subcommand {args[0]!r}: use {valid}")
+  if len(args) > 1:
+    raise app.UsageError(f"unexpected arguments after {args[0]}: {' '.join(args[1:])!r} "
+                         "(the sets are flags: --samples=..., --reference=..., --images=...)")
+  return SUBCOMMANDS[args[0]]
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("fid", "features"):
-    raise app.UsageError("usage: python -m hdit_jax.evaluate fid|features --inception_weights=W "
-                         "...")
-  features = _Features(_WEIGHTS.value)
   try:
-    (_fid if argv[1] == "fid" else _features)(features)
+    _subcommand(argv[1:])(_Features(_WEIGHTS.value))
   except (FileNotFoundError, ValueError, app.UsageError) as e:   # one line, not the whole help
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.exit_with_error(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -15,11 +15,11 @@ training).
 """
 
 import os
-import sys
 
 import jax
 from absl import app, flags
 
+from hdit_jax import cli
 from hdit_jax.diffusion.samplers import SAMPLERS
 from hdit_jax.sampling import batches, files, model_file
 from hdit_jax.sampling.generate import SamplerSettings
@@ -43,17 +43,39 @@ _SIGMA_DATA = flags.DEFINE_float("sigma_data", None, "σ_data (default: the file
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
 _INTERVAL = flags.DEFINE_list("guidance_interval", None, "sigma_lo,sigma_hi: guide only inside.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: image i depends on the seed and i alone.")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Images per sampling call (0: 64).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Images per sampling call (default 64), "
+                               "rounded up to a multiple of the devices.")
 _SIZE = flags.DEFINE_list("image_size", [], "H,W to sample at (default: the trained size).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype.")
+
+
+def _numbers(flag: flags.FlagHolder, kind: type, what: str) -> list:
+  """A list flag's values as `kind`s, or a usage error naming the flag and what it takes."""
+  try:
+    return [kind(v) for v in flag.value]
+  except ValueError:
+    raise app.UsageError(f"--{flag.name} takes {what}, got {','.join(flag.value)!r}") from None
+
+
+def _check_out(out: str) -> None:
+  """--out must be a directory, or a path where one can be made: checked before the model is
+  loaded (a file in the way was otherwise found only when the npz was opened, as a traceback)."""
+  if "://" in out:
+    return
+  existing = os.path.abspath(out)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise app.UsageError(f"--out={out}: {existing} is a file, not a directory; give a directory "
+                         "(it is made if missing)")
 
 
 def _settings(config) -> SamplerSettings:
   interval = None
   if _INTERVAL.value is not None:
-    if len(_INTERVAL.value) != 2:
+    interval = tuple(_numbers(_INTERVAL, float, "two noise levels: sigma_lo,sigma_hi"))
+    if len(interval) != 2:
       raise app.UsageError("--guidance_interval takes two noise levels: sigma_lo,sigma_hi")
-    interval = tuple(float(v) for v in _INTERVAL.value)
   overrides = dict(sampler=_SAMPLER.value, steps=_STEPS.value, sigma_min=_SIGMA_MIN.value,
                    sigma_max=_SIGMA_MAX.value, rho=_RHO.value, eta=_ETA.value,
                    sigma_data=_SIGMA_DATA.value, guidance_scale=_GUIDANCE.value,
@@ -69,16 +91,26 @@ def main(argv):
   try:
     _main(argv)
   except (FileNotFoundError, ValueError, app.UsageError) as e:   # one line, not the whole help
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.exit_with_error(str(e))
 
 
 def _main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}: every input is a flag "
+                         "(--weights=FILE ...)")
   if bool(_WEIGHTS.value) == bool(_KDIFF.value):
     raise app.UsageError("give exactly one of --weights and --kdiffusion")
   if _NUM.value < 1:
     raise app.UsageError(f"--num_images must be at least 1, got {_NUM.value}")
+  if _BATCH.value is not None and _BATCH.value < 1:
+    raise app.UsageError(f"--batch_size must be at least 1, got {_BATCH.value} (leave it out "
+                         "for the default, 64)")
+  labels = _numbers(_LABELS, int, "class numbers separated by commas, e.g. 207,360") or None
+  image_size = tuple(_numbers(_SIZE, int, "the height and width in pixels: H,W")) or None
+  if image_size and len(image_size) != 2:
+    raise app.UsageError(f"--image_size takes the height and width in pixels: H,W, got "
+                         f"{','.join(_SIZE.value)!r}")
+  _check_out(_OUT.value)
   model, config = model_file.load_model_file(
       weights_path=_WEIGHTS.value, kdiffusion=_KDIFF.value,
       kdiffusion_config=_KDIFF_CONFIG.value, allow_pickle=_ALLOW_PICKLE.value,
@@ -90,15 +122,13 @@ def _main(argv):
   if settings.guidance_scale != 1.0 and not conditional:
     raise app.UsageError(f"--guidance_scale {settings.guidance_scale}: the model is "
                          "unconditional, guidance needs a class-conditional model")
-  image_size = tuple(int(v) for v in _SIZE.value) or None
   if image_size:
     from hdit_jax.models.spec import hdit_spec_from_config  # pylint: disable=import-outside-toplevel
     if config.model.get("type", "hdit") == "hdit":
       hdit_spec_from_config(config.model).token_grids(*image_size)   # a clear error if it can't
-  labels = [int(v) for v in _LABELS.value] or None
   shape = tuple(image_size or config.model.input_size) + (int(config.model.input_channels),)
   stream = batches.sample_batches(model, config, _NUM.value, _SEED.value, labels=labels,
-                                  batch_size=_BATCH.value, image_size=image_size,
+                                  batch_size=_BATCH.value or 0, image_size=image_size,
                                   settings=settings)
   for _ in files.write_samples(stream, _NUM.value, shape, _OUT.value, _NAME.value,
                                conditional=conditional, pngs=_PNGS.value,
@@ -111,4 +141,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

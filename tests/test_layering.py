@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 # A module may import modules of a lower rank, and its own package.
 RANKS = {
-    "hdit_kernels": 0, "hdit_jax.config": 0,
+    "hdit_kernels": 0, "hdit_jax.config": 0, "hdit_jax.cli": 0,
     "hdit_jax.models": 1, "hdit_jax.data": 1,
     "hdit_jax.diffusion": 2, "hdit_jax.flops": 2, "hdit_jax.weights": 2,
     "hdit_jax.convert": 3,

@@ -46,6 +46,8 @@ def sample_batches(model: nnx.Module, config: Any, num_images: int, seed: int, *
   run `seed`, on every host, in order. Every host must iterate (the batches span all hosts)."""
   if num_images < 1:
     raise ValueError(f"num_images must be at least 1, got {num_images}")
+  if batch_size < 0:
+    raise ValueError(f"batch_size must be at least 1 (or 0: the default), got {batch_size}")
   mesh = mesh or generate_lib.default_mesh()
   shards = generate_lib.batch_shards(mesh, batch_axes)
   batch_size = default_batch_size(config, shards) if not batch_size else (

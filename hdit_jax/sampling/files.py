@@ -47,7 +47,8 @@ class NpzStreamWriter:
     """Drops the partial file: nothing incomplete is ever left under the final name."""
     self._entry.close()
     self._zip.close()
-    os.remove(self._local)
+    if os.path.exists(self._local):
+      os.remove(self._local)
 
   def close(self, labels: np.ndarray) -> None:
     if self._written != self._expected:
@@ -101,13 +102,13 @@ def write_samples(batches: Iterable[tuple[np.ndarray, np.ndarray]], num_images: 
             grid.save_png(image, os.path.join(out_dir, name, f"{index:06d}.png"))
             index += 1
       yield images, labels
+    if not write:
+      return
+    npz.close(np.concatenate(labels_seen) if labels_seen else np.zeros(0, np.int32))
   except BaseException:
-    if npz is not None:
+    if npz is not None:   # a failure while closing, too: no partial file is left behind
       npz.abort()
     raise
-  if not write:
-    return
-  npz.close(np.concatenate(labels_seen))
   head = np.concatenate(head)[:GRID_IMAGES]
   head_labels = np.concatenate(head_labels)[:GRID_IMAGES] if conditional else None
   write_grid(head, head_labels, os.path.join(out_dir, f"{name}.png"))

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hdit_jax.config import base_config, hdit_model
 from hdit_jax.models import build_model
-from hdit_jax.sampling import batches
+from hdit_jax.sampling import batches, files
 from hdit_jax.sampling import generate as generate_lib
 
 
@@ -121,3 +121,14 @@ def test_bad_requests_are_refused():
     generate_lib.generate(perturbed_model(uncond), uncond, jax.random.key(0), 2)
   with pytest.raises(ValueError, match="unconditional"):
     batches.draw_labels(tiny_config(num_classes=0), 3, 0, labels=[1])
+  with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    next(batches.sample_batches(model, config, 2, 0, batch_size=-1))
+
+
+def test_a_run_that_writes_no_images_leaves_no_file(tmp_path):
+  """A stream that ends early is an error, and the partial npz is removed (it was left behind,
+  with a ZipFile warning at exit, when the stream had no batch at all)."""
+  stream = files.write_samples(iter([]), 3, (4, 4, 1), str(tmp_path), "s", conditional=False)
+  with pytest.raises(RuntimeError, match="0 of 3 images written"):
+    list(stream)
+  assert not list(tmp_path.iterdir())
