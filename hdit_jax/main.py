@@ -18,6 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hdit_jax import cli
 from hdit_jax.evaluation.evaluator import Evaluator
 from hdit_jax.sampling import batches, files
 from hdit_jax.training import checkpoint as ckpt_lib
@@ -73,11 +74,6 @@ def initialize_distributed() -> None:
     logging.info("single host (%s)", e)
 
 
-def _exit_with_error(message: str, status: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
 def _flag_values(argv: list[str], name: str) -> list[str]:
   """The values given to --name (as --name=v or --name v), in order."""
   values = []
@@ -98,22 +94,22 @@ def _check_config_file(argv: list[str]) -> None:
     return
   path, _, arg = given[-1].partition(":")
   if not os.path.isfile(path):
-    _exit_with_error(f"--config: no config file {path}")
+    cli.exit_with_error(f"--config: no config file {path}")
   spec = importlib.util.spec_from_file_location("hdit_jax_checked_config", path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
   except SyntaxError as e:
-    _exit_with_error(f"--config: {path} is not valid Python: {e.msg} (line {e.lineno})")
+    cli.exit_with_error(f"--config: {path} is not valid Python: {e.msg} (line {e.lineno})")
   except Exception as e:  # pylint: disable=broad-except
-    _exit_with_error(f"--config: loading {path} failed: {type(e).__name__}: {e}")
+    cli.exit_with_error(f"--config: loading {path} failed: {type(e).__name__}: {e}")
   if not callable(getattr(module, "get_config", None)):
-    _exit_with_error(f"--config: {path} defines no get_config(), which a config file must "
+    cli.exit_with_error(f"--config: {path} defines no get_config(), which a config file must "
                      "(see configs/quickstart.py)")
   try:
     module.get_config(arg) if arg else module.get_config()
   except Exception as e:  # pylint: disable=broad-except
-    _exit_with_error(f"--config: {given[-1]}: {e}")
+    cli.exit_with_error(f"--config: {given[-1]}: {e}")
 
 
 def _override_error(error: Exception, argv: list[str]) -> str:
@@ -136,11 +132,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   traceback."""
   _check_config_file(argv)
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:   # absl's own report exits 1; every user error here exits 2
-    _exit_with_error(f"{e} (--helpfull lists the flags)")
+    return cli.parse_flags(argv)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    _exit_with_error(_override_error(e, argv))
+    cli.exit_with_error(_override_error(e, argv))
 
 
 def _check_workdir(workdir: str) -> None:
@@ -149,12 +143,12 @@ def _check_workdir(workdir: str) -> None:
   if "://" in workdir:
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    _exit_with_error(f"--workdir {workdir} is a file: give a directory (training creates it)")
+    cli.exit_with_error(f"--workdir {workdir} is a file: give a directory (training creates it)")
   parent = os.path.dirname(os.path.abspath(workdir))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
-    _exit_with_error(f"--workdir {workdir} cannot be created: {parent} is a file")
+    cli.exit_with_error(f"--workdir {workdir} cannot be created: {parent} is a file")
 
 
 def _quiet_storage_logs(record: std_logging.LogRecord) -> bool:
@@ -194,9 +188,9 @@ def exit_stranded(error: ckpt_lib.StrandedHosts) -> None:
 def main(argv):
   del argv
   if _CONFIG.value is None or not _WORKDIR.value:
-    _exit_with_error("--config and --workdir are required (--helpfull lists the flags)")
+    cli.exit_with_error("--config and --workdir are required (--helpfull lists the flags)")
   if _MODE.value == "sample" and _NUM_IMAGES.value < 1:
-    _exit_with_error(f"--num_images must be at least 1, got {_NUM_IMAGES.value}")
+    cli.exit_with_error(f"--num_images must be at least 1, got {_NUM_IMAGES.value}")
   _check_workdir(_WORKDIR.value)
   logging.get_absl_handler().addFilter(_quiet_storage_logs)
   _ignore_callbacks_into_closed_loops()
@@ -211,9 +205,9 @@ def main(argv):
   except ckpt_lib.StrandedHosts as e:
     exit_stranded(e)
   except (ConfigError, FileNotFoundError) as e:
-    _exit_with_error(str(e))   # a mismatched checkpoint, too: the config is not the run's
+    cli.exit_with_error(str(e))   # a mismatched checkpoint, too: the config is not the run's
   except (trainer.TrainingHalted, ckpt_lib.CheckpointError, workdir_lib.StorageUnreachable) as e:
-    _exit_with_error(str(e), status=1)   # a run that cannot go on: as plainly said
+    cli.exit_with_error(str(e), status=1)   # a run that cannot go on: as plainly said
   except trainer.Interrupted as e:
     print(f"{e} in {workdir_lib.checkpoint_dir(_WORKDIR.value)}: the same command resumes",
           file=sys.stderr)

@@ -155,6 +155,10 @@ def _on_mesh(leaf: Any, mesh: Mesh) -> Any:
   sharding = getattr(leaf, "sharding", None)
   if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
     return leaf
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    # A dropout layer's RNG key (unused by the deterministic sampler): moved as its raw data.
+    data = _global(np.asarray(jax.device_get(jax.random.key_data(leaf))), NamedSharding(mesh, P()))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
   return _global(np.asarray(jax.device_get(leaf)), NamedSharding(mesh, P()))
 
 
@@ -199,6 +203,9 @@ def generate(model: nnx.Module, config: Any, key: jax.Array, num_images: int,
     if labels.min() < 0 or labels.max() > num_classes:
       raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes}: the null class)")
     labels = _global(np.pad(labels, (0, padded - num_images)), batch)
+  # Sampling never drops: a model loaded for inference (a weight file's) may still be in
+  # training mode. The view shares the model's variables, so the placement below sticks.
+  model = nnx.view(model, deterministic=True, raise_if_not_found=False)
   graphdef, state = nnx.split(model)
   placed = jax.tree.map(lambda leaf: _on_mesh(leaf, mesh), state)
   if any(a is not b for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(state))):

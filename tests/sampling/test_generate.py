@@ -132,3 +132,19 @@ def test_a_run_that_writes_no_images_leaves_no_file(tmp_path):
   with pytest.raises(RuntimeError, match="0 of 3 images written"):
     list(stream)
   assert not list(tmp_path.iterdir())
+
+
+def test_a_model_in_training_mode_samples_without_dropout():
+  """A weight file's model is built in training mode; with dropout it crashed the sampler (its
+  RNG keys, and its draws inside the sampler's scan). It samples as the deterministic model."""
+  config = tiny_config(num_classes=0, sampler="euler", guidance=1.0)
+  config.model.dropout_rate = (0.5, 0.5)
+  deterministic = perturbed_model(config)
+  training_mode = nnx.view(deterministic, deterministic=False)   # the same weights, dropping
+  want = generate_lib.generate(deterministic, config, jax.random.key(0), 3)
+  got = generate_lib.generate(training_mode, config, jax.random.key(0), 3)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+  dropped = training_mode(x, jax.numpy.ones((2,)))
+  kept = deterministic(x, jax.numpy.ones((2,)))
+  assert not np.allclose(np.asarray(dropped), np.asarray(kept))   # dropout acts in training mode
