@@ -11,6 +11,7 @@ others (it is skipped on one host).
 import importlib.util
 import logging as std_logging
 import os
+import re
 import sys
 import traceback
 
@@ -151,10 +152,28 @@ def _check_workdir(workdir: str) -> None:
     cli.exit_with_error(f"--workdir {workdir} cannot be created: {parent} is a file")
 
 
+# tensorstore's errors begin with an absl status code: "OUT_OF_RANGE: Error reading ...".
+_TENSORSTORE_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
+
+
+def _from_orbax(error: BaseException | None) -> bool:
+  """Whether an exception was raised in orbax (or in tensorstore under it)."""
+  while error is not None:
+    frames = traceback.extract_tb(error.__traceback__)
+    if any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def _quiet_storage_logs(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's INFO lines (about a hundred per run, breaking up the progress bar) and the
+  """Drops orbax's INFO lines (about a hundred per run, breaking up the progress bar), the
   tracebacks of orbax's and gcsfs's errors (a failed save logs hundreds of lines; the loop names
-  its reason in one)."""
+  its reason in one), and asyncio's reports of the reads of a damaged checkpoint left unawaited
+  once its restore failed (hundreds; the restore's failure is named in one line)."""
+  if record.name == "asyncio" and record.exc_info and (
+      _from_orbax(record.exc_info[1]) or _TENSORSTORE_STATUS.match(str(record.exc_info[1]))):
+    return False
   if f"{os.sep}orbax{os.sep}" in record.pathname:
     if record.levelno < std_logging.WARNING:
       return False
@@ -167,11 +186,15 @@ def _quiet_storage_logs(record: std_logging.LogRecord) -> bool:
 def _ignore_callbacks_into_closed_loops(previous=sys.unraisablehook):
   """tensorstore hands the results of requests still in flight when an orbax save fails to the
   save's asyncio loop, closed by then; each "Event loop is closed" is reported as unraisable
-  (hundreds of tracebacks). Those, and only those (no frame outside asyncio), are dropped."""
+  (hundreds of tracebacks). Those (no frame outside asyncio), and the exceptions of orbax's
+  reads of a damaged checkpoint, closed unawaited once its restore failed, are dropped."""
   def hook(unraisable):
     frames = [frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback)]
     if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
         and frames and all(f"{os.sep}asyncio{os.sep}" in name for name in frames)):
+      return
+    code = getattr(unraisable.object, "cr_code", None)   # an orbax read, dropped unawaited
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
       return
     previous(unraisable)
   sys.unraisablehook = hook

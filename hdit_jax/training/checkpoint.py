@@ -28,9 +28,15 @@ from hdit_jax.training.validate import ConfigError
 
 
 def error_line(error: BaseException) -> str:
-  """An exception as one short line for a log or an error message: its type and first line."""
-  lines = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+  """An exception as one short line for a log or an error message: its type and first line,
+  and its cause's where it has one (orbax's read errors say which array index failed, and
+  their cause which file and why); tensorstore's spec dumps are left out."""
+  def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    line = lines[0].split(" See full TensorStore details")[0] if lines else ""
+    return f"{type(e).__name__}: {line[:200]}"
+  cause = error.__cause__
+  return first_line(error) + (f" ({first_line(cause)})" if cause is not None else "")
 
 
 class _LastOrbaxError(std_logging.Handler):
