@@ -287,9 +287,10 @@ def _say_where(config, workdir: str, step: int) -> None:
 
 
 def _sample(config, workdir: str, restored: workdir_lib.Restored) -> None:
-  """workdir/samples/samples_<step>.{npz,png} (and .labels.txt), drawn over the training mesh."""
+  """workdir/samples/samples_<step>_seed<seed>.{npz,png} (and .labels.txt), drawn over the
+  training mesh (named apart from training's grids, samples_<step>.png, which it keeps)."""
   num = _NUM_IMAGES.value
-  name = f"samples_{restored.step:08d}"
+  name = f"samples_{restored.step:08d}_seed{_SEED.value}"
   out_dir = os.path.join(workdir, "samples")
   shape = tuple(config.model.input_size) + (int(config.model.input_channels),)
   stream = batches.sample_batches(restored.model, config, num, _SEED.value, mesh=restored.mesh,

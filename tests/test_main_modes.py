@@ -36,12 +36,16 @@ def tiny_workdir(tmp_path):
 
 def test_sample_evaluate_export_from_a_workdir(tmp_path, digit_classifier_dir):
   workdir = tiny_workdir(tmp_path)
+  grids = {p.name: p.read_bytes() for p in (workdir / "samples").glob("*")} \
+      if (workdir / "samples").exists() else {}
   result = run_main(workdir, "--mode=sample", "--num_images=5", "--step=2")
   assert result.returncode == 0, result.stderr[-3000:]
-  with np.load(workdir / "samples" / "samples_00000002.npz") as data:
+  with np.load(workdir / "samples" / "samples_00000002_seed0.npz") as data:
     assert data["arr_0"].shape == (5, 16, 16, 1) and data["arr_1"].shape == (5,)
-  assert (workdir / "samples" / "samples_00000002.png").exists()
-  assert (workdir / "samples" / "samples_00000002.labels.txt").exists()
+  assert (workdir / "samples" / "samples_00000002_seed0.png").exists()
+  assert (workdir / "samples" / "samples_00000002_seed0.labels.txt").exists()
+  for name, data in grids.items():   # training's grids are kept as they were
+    assert (workdir / "samples" / name).read_bytes() == data, name
 
   shutil.copy(digit_classifier_dir / digits.FILENAME, workdir / digits.FILENAME)
   result = run_main(workdir, "--mode=evaluate", "--config.evaluation.metric=digits",

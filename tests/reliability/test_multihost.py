@@ -121,7 +121,7 @@ def test_two_processes_train_resume_sample_and_export_as_one(tmp_path):
   for key in reference:
     np.testing.assert_allclose(exported[key], reference[key], rtol=1e-5, atol=1e-6,
                                err_msg=key)
-  drawn = np.load(multi / "samples" / "samples_00000004.npz")
+  drawn = np.load(multi / "samples" / "samples_00000004_seed0.npz")
   assert drawn["arr_0"].shape == images.shape
   np.testing.assert_array_equal(drawn["arr_1"], labels)
   assert np.abs(drawn["arr_0"].astype(int) - images.astype(int)).max() <= 1
