@@ -152,6 +152,20 @@ def _copy_in(src, dst, barrier):
   plgpu.copy_gmem_to_smem(src, dst, barrier)
 
 
+def _copy_angles_in(cos_ref, sin_ref, gain_ref, a0, h, cos_smem, sin_smem, gain_smem, barrier):
+  """TMA copies of the block's cos and sin rows and the head's gain (three arrivals)."""
+  _copy_in(cos_ref.at[pl.ds(a0, BLOCK_TOKENS), h], cos_smem, barrier)
+  _copy_in(sin_ref.at[pl.ds(a0, BLOCK_TOKENS), h], sin_smem, barrier)
+  _copy_in(gain_ref.at[h], gain_smem, barrier)
+  return cos_smem, sin_smem, gain_smem
+
+
+def _load_angles(cos_smem, sin_smem, gain_smem, interpret):
+  """cos and sin (wgmma layout) and the gain (one value per row), in registers."""
+  return (_load(cos_smem, interpret), _load(sin_smem, interpret),
+          _load(gain_smem, interpret, plgpu.Layout.WGMMA.reduce(1)))
+
+
 def _fwd_kernel(qkv_ref, cos_ref, sin_ref, gain_ref, q_ref, k_ref, v_ref, *scratch, d, eps,
                 angle_rows, interpret):
   x_smem, v_smem, cos_smem, sin_smem, gain_smem, bar = scratch
@@ -162,13 +176,11 @@ def _fwd_kernel(qkv_ref, cos_ref, sin_ref, gain_ref, q_ref, k_ref, v_ref, *scrat
     for p, (c0, cols) in enumerate(parts):
       _copy_in(qkv_ref.at[rows, j, h, pl.ds(c0, cols)], x_smem[j][p], barrier)
   _copy_in(qkv_ref.at[rows, 2, h], v_smem, barrier)
-  _copy_in(cos_ref.at[pl.ds(a0, BLOCK_TOKENS), h], cos_smem, barrier)
-  _copy_in(sin_ref.at[pl.ds(a0, BLOCK_TOKENS), h], sin_smem, barrier)
-  _copy_in(gain_ref.at[h], gain_smem, barrier)
+  angles = _copy_angles_in(cos_ref, sin_ref, gain_ref, a0, h, cos_smem, sin_smem, gain_smem,
+                           barrier)
   plgpu.barrier_wait(barrier)
 
-  cos, sin = _load(cos_smem, interpret), _load(sin_smem, interpret)
-  gain = _load(gain_smem, interpret, plgpu.Layout.WGMMA.reduce(1))
+  cos, sin, gain = _load_angles(*angles, interpret)
   for j in range(2):
     x = [_load(s, interpret).astype(jnp.float32) for s in x_smem[j]]
     f = gain * jax.lax.rsqrt(_sum_rows([xi * xi for xi in x]) + eps)
@@ -197,13 +209,11 @@ def _bwd_kernel(qkv_ref, dq_ref, dk_ref, dv_ref, cos_ref, sin_ref, gain_ref, dqk
       _copy_in(qkv_ref.at[rows, j, h, pl.ds(c0, cols)], x_smem[j][p], barrier)
       _copy_in(grad_ref.at[rows, h, pl.ds(c0, cols)], g_smem[j][p], barrier)
   _copy_in(dv_ref.at[rows, h], v_smem, barrier)
-  _copy_in(cos_ref.at[pl.ds(a0, BLOCK_TOKENS), h], cos_smem, barrier)
-  _copy_in(sin_ref.at[pl.ds(a0, BLOCK_TOKENS), h], sin_smem, barrier)
-  _copy_in(gain_ref.at[h], gain_smem, barrier)
+  angles = _copy_angles_in(cos_ref, sin_ref, gain_ref, a0, h, cos_smem, sin_smem, gain_smem,
+                           barrier)
   plgpu.barrier_wait(barrier)
 
-  cos, sin = _load(cos_smem, interpret), _load(sin_smem, interpret)
-  gain = _load(gain_smem, interpret, plgpu.Layout.WGMMA.reduce(1))
+  cos, sin, gain = _load_angles(*angles, interpret)
   for j in range(2):
     x = [_load(s, interpret).astype(jnp.float32) for s in x_smem[j]]
     g = [_load(s, interpret).astype(jnp.float32) for s in g_smem[j]]
