@@ -4,6 +4,7 @@ It depends on absl alone, so every entry point can use it (tests/test_layering.p
 the config, below everything else).
 """
 
+import os
 import sys
 from typing import NoReturn
 
@@ -25,3 +26,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     exit_with_error(f"{e} (--helpfull lists the flags)")
+
+
+def existing_ancestor(path: str) -> str:
+  """The path itself or its nearest ancestor that exists: a directory to be made under it can
+  be made only if this is a directory."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  return existing

@@ -145,9 +145,7 @@ def _check_workdir(workdir: str) -> None:
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     cli.exit_with_error(f"--workdir {workdir} is a file: give a directory (training creates it)")
-  parent = os.path.dirname(os.path.abspath(workdir))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
+  parent = cli.existing_ancestor(workdir)
   if not os.path.isdir(parent):
     cli.exit_with_error(f"--workdir {workdir} cannot be created: {parent} is a file")
 

@@ -62,9 +62,7 @@ def _check_out(out: str) -> None:
   loaded (a file in the way was otherwise found only when the npz was opened, as a traceback)."""
   if "://" in out:
     return
-  existing = os.path.abspath(out)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = cli.existing_ancestor(out)
   if not os.path.isdir(existing):
     raise app.UsageError(f"--out={out}: {existing} is a file, not a directory; give a directory "
                          "(it is made if missing)")

@@ -67,6 +67,15 @@ def test_remat_keeps_the_gradient_and_recomputes(kind):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
+def scanned(model, x, sigma, labels):
+  """Two model calls inside a jitted lax.scan, the model a constant of it (as the sampler's)."""
+  @jax.jit
+  def run(x):
+    step = lambda carry, _: (model(carry, sigma, class_cond=labels), None)
+    return jax.lax.scan(step, x, None, length=2)[0]
+  return run(x)
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_remat_runs_inside_an_inner_trace(kind):
   """The sampler calls the model inside its lax.scan, the weights a constant of that trace:
@@ -80,12 +89,7 @@ def test_remat_runs_inside_an_inner_trace(kind):
     x = jax.random.normal(jax.random.key(1), (3, 16, 24, 3))
     sigma, labels = jnp.array([0.3, 1.0, 5.0]), jnp.array([1, 4, 10])
 
-    @jax.jit
-    def run(x):
-      step = lambda carry, _: (model(carry, sigma, class_cond=labels), None)
-      return jax.lax.scan(step, x, None, length=2)[0]
-
-    outputs.append(run(x))
+    outputs.append(scanned(model, x, sigma, labels))
   np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-6, atol=1e-6)
 
 
@@ -100,12 +104,7 @@ def test_remat_hdit_with_dropout_samples_inside_an_inner_trace():
     model_def, params, buffers = dropout_hdit(remat)
     model = model_def.merge(params, buffers, deterministic=True)
 
-    @jax.jit
-    def run(x):
-      step = lambda carry, _: (model(carry, sigma, class_cond=labels), None)
-      return jax.lax.scan(step, x, None, length=2)[0]
-
-    outputs.append(run(x))
+    outputs.append(scanned(model, x, sigma, labels))
   np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-6, atol=1e-6)
 
 
