@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hdit_jax.models import positions
+from hdit_jax.models import partitioning, positions
 from hdit_jax.models.layers import AdaRMSNorm, Buffer, Dtype, Linear, param
 from hdit_jax.models.spec import AttentionSpec
 from hdit_kernels import dense_attention, qk_norm_rope
@@ -110,9 +110,10 @@ class SelfAttention(nnx.Module):
     qkv = self.qkv_proj(self.norm(x, cond))   # [B, H, W, 3, n_heads, d_head]
     if self._fused_qk(qkv):
       theta = self.pos_emb(pos)
-      q, k, v = qk_norm_rope.qk_norm_rope(
-          qkv, jnp.sqrt(self.scale[...].astype(jnp.float32)), jnp.cos(theta), jnp.sin(theta),
-          implementation=self.qk_implementation)
+      prepare = lambda *a: qk_norm_rope.qk_norm_rope(*a, implementation=self.qk_implementation)
+      q, k, v = partitioning.on_shards(
+          prepare, qkv, jnp.sqrt(self.scale[...].astype(jnp.float32)), jnp.cos(theta),
+          jnp.sin(theta), layouts=("b...h.", "h", "..h.", "..h."), out_layouts=("b..h.",) * 3)
     else:
       q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
       q, k = scale_for_cosine_sim(q, k, self.scale[...])
@@ -131,10 +132,19 @@ class SelfAttention(nnx.Module):
   def _attend(self, q, k, v):
     kind = self.spec.kind
     if kind == "neighborhood":
-      return na2d(q, k, v, self.spec.kernel_size, scale=1.0, implementation=self.implementation)
+      attend = lambda q, k, v: na2d(q, k, v, self.spec.kernel_size, scale=1.0,
+                                    implementation=self.implementation)
+      return partitioning.on_shards(attend, q, k, v, layouts=("b..h.",) * 3,
+                                    out_layouts="b..h.")
     if kind == "shifted-window":
       return shifted_window_attention(q, k, v, self.spec.window_size, self.shift)
     b, h, w, n, dh = q.shape
     flat = lambda t: t.reshape(b, h * w, n, dh)
-    out = dense_attention.dot_product_attention(flat(q), flat(k), flat(v), scale=1.0)
+    out = global_attention(flat(q), flat(k), flat(v), scale=1.0)
     return out.reshape(b, h, w, n, dh)
+
+
+def global_attention(q: jax.Array, k: jax.Array, v: jax.Array, **kw) -> jax.Array:
+  """Dense attention over all tokens, q/k/v [B, tokens, heads, d], per shard on a mesh."""
+  attend = lambda q, k, v: dense_attention.dot_product_attention(q, k, v, **kw)
+  return partitioning.on_shards(attend, q, k, v, layouts=("b.h.",) * 3, out_layouts="b.h.")

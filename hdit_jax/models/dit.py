@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hdit_jax.models.attention import global_attention
 from hdit_jax.models.hdit import pixel_shuffle, pixel_unshuffle
 from hdit_jax.models.layers import Dtype, Linear, param
-from hdit_kernels import dense_attention
 
 # variant letter -> (depth, width, num_heads), table 1 of the DiT paper.
 DIT_VARIANTS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -200,7 +200,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     qkv = self.qkv(x)   # [B, N, 3, heads, head_dim]
-    out = dense_attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    out = global_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     return self.proj(out.reshape(b, n, d))
 
 

@@ -20,6 +20,7 @@ from hdit_jax.diffusion import schedules
 from hdit_jax.diffusion.guidance import guided_denoiser
 from hdit_jax.diffusion.preconditioning import denoise
 from hdit_jax.diffusion.samplers import SAMPLERS
+from hdit_jax.models.partitioning import kernels_on_mesh
 
 # Samplers with an eta (ancestral / SDE noise) option.
 _ETA_SAMPLERS = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral",
@@ -95,7 +96,14 @@ def _compiled_sampler(graphdef: Any, settings: SamplerSettings, num_classes: int
   def per_image_normal(keys, stream):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), image_shape))(keys)
 
+  axes = batch.spec[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+
   def sample(state, key_data, indices, labels):
+    with kernels_on_mesh(batch.mesh, axes):
+      return sample_on_mesh(state, key_data, indices, labels)
+
+  def sample_on_mesh(state, key_data, indices, labels):
     model = nnx.merge(graphdef, state)
     keys = image_keys(jax.random.wrap_key_data(key_data), indices)
     x_t = jax.lax.with_sharding_constraint(per_image_normal(keys, _NOISE) * settings.sigma_max,

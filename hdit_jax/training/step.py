@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from hdit_jax.diffusion import densities, losses
+from hdit_jax.models.partitioning import kernels_on_mesh
 from hdit_jax.training import mesh as mesh_lib
 from hdit_jax.training.optimizer import ema_decay, ema_update, learning_rate, nonfinite_counts
 from hdit_jax.training.state import ModelDef, TrainState
@@ -88,7 +89,15 @@ def jit_train_step(config: Any, model_def: ModelDef, tx: optax.GradientTransform
   """The train step jitted over `mesh`: the state in `shardings` (donated), the batch split over
   (data, fsdp), one noise-level stratum group per batch shard."""
   sigma_groups = mesh.shape["data"] * mesh.shape["fsdp"]
-  return jax.jit(make_train_step(config, model_def, tx, sigma_groups),
+  step = make_train_step(config, model_def, tx, sigma_groups)
+  heads = dict(config.sharding_rules).get("heads") or ()
+  heads = (heads,) if isinstance(heads, str) else tuple(heads)
+
+  def per_shard_kernels_step(*args):
+    with kernels_on_mesh(mesh, mesh_lib.BATCH_AXES, heads):
+      return step(*args)
+
+  return jax.jit(per_shard_kernels_step,
                  in_shardings=(shardings, mesh_lib.batch_sharding(mesh),
                                mesh_lib.replicated(mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
