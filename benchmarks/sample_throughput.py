@@ -127,6 +127,8 @@ def main():
   parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="change the sampled model's config (repeatable)")
   parser.add_argument("--suffix", default="", help="added to the result file names")
+  parser.add_argument("--images", type=int, default=1000,
+                      help="images of the timed multi-batch run (imagenet256)")
   args = parser.parse_args()
   try:   # a bad --set is a usage error, before anything runs
     sampling_config("quickstart" if args.quick else "imagenet256", args.set)
@@ -142,7 +144,7 @@ def main():
     print(json.dumps(result["inception"], indent=1), flush=True)
   if args.skip != "sampling":
     result["sampling"] = (bench_sampling("quickstart", 8, 16, 5, 1.5, args.set) if args.quick
-                          else bench_sampling("imagenet256", 64, 1000, 50, 1.5, args.set))
+                          else bench_sampling("imagenet256", 64, args.images, 50, 1.5, args.set))
     print(json.dumps(result["sampling"], indent=1), flush=True)
   name = device.device_kind.replace(" ", "_") + args.suffix
   os.makedirs(args.out, exist_ok=True)

@@ -38,7 +38,7 @@ def hdit_model(**overrides) -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat=False,
       attention_implementation="",   # '' picks the best neighborhood-attention kernel
-      qk_implementation="",          # q/k norm + RoPE: '' or 'xla', or 'mosaic_gpu' (Hopper)
+      qk_implementation="",          # q/k norm + RoPE: '' (mosaic_gpu on Hopper, else xla)
   ))
   # Per-level settings that the caller leaves out follow the number of levels it asks for.
   n = len(overrides.get("depths", model.depths))

@@ -60,6 +60,15 @@ def qk_norm_rope(qkv: jax.Array, gain: jax.Array, cos: jax.Array, sin: jax.Array
   return _fused(qkv, gain, cos, sin, eps, interpret)
 
 
+def default_implementation(device: jax.Device | None = None) -> str:
+  """'mosaic_gpu' on Hopper GPUs (compute capability 9.x, where it was measured faster), else
+  'xla'. `device` defaults to the first of the default backend."""
+  device = device or jax.devices()[0]
+  if device.platform != "gpu":
+    return "xla"
+  return "mosaic_gpu" if str(getattr(device, "compute_capability", "")).startswith("9.") else "xla"
+
+
 def unsupported(shape: tuple[int, ...], dtype) -> str | None:
   """Why the Mosaic GPU kernels cannot run qkv of this shape and dtype, or None."""
   _, height, width, _, _, d = shape

@@ -11,6 +11,7 @@ from flax import nnx
 
 from hdit_jax.models.hdit import HDiT
 from hdit_jax.models.spec import HDiTSpec, hdit_spec_from_config
+from hdit_kernels import qk_norm_rope
 
 
 def build_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
@@ -22,7 +23,8 @@ def build_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
     return HDiT(hdit_spec_from_config(cfg), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 remat=bool(cfg.get("remat", False)),
                 attention_implementation=cfg.get("attention_implementation") or None,
-                qk_implementation=cfg.get("qk_implementation") or "xla")
+                qk_implementation=(cfg.get("qk_implementation")
+                                   or qk_norm_rope.default_implementation()))
   if kind == "dit":
     from hdit_jax.models import dit  # pylint: disable=import-outside-toplevel
     return dit.DiT(dit.dit_spec_from_config(cfg), rngs=rngs, dtype=dtype,

@@ -198,3 +198,12 @@ def test_model_with_the_kernel_matches_the_jnp_model(monkeypatch):
   assert len(scales) == 3 and min(scales) > 0   # two layers at level 0, one at level 1
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     assert rel_l2(b, a) < 5e-2
+
+
+@pytest.mark.parametrize("platform, capability, expected", [
+    ("gpu", "9.0", "mosaic_gpu"), ("gpu", "8.0", "xla"), ("gpu", "10.0", "xla"),
+    ("tpu", None, "xla"), ("cpu", None, "xla")])
+def test_the_kernel_is_the_default_on_hopper_alone(platform, capability, expected):
+  device = type("Device", (), {"platform": platform, "compute_capability": capability})()
+  assert qn.default_implementation(device) == expected
+  assert qn.default_implementation() == "xla"   # this CPU
