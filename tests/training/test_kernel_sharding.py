@@ -104,8 +104,8 @@ def test_train_step_lowers_for_a_gpu_mesh_with_a_shard_per_kernel():
 
 @pytest.mark.tpu_lowering
 def test_the_sampler_lowers_for_a_tpu_mesh_with_a_shard_per_kernel():
-  """generate's compiled sampler over 8 devices: each kernel sees 1 of the 16 images
-  (guidance doubles them: 2 of 32)."""
+  """generate's compiled sampler over 8 devices: each kernel sees 2 of the 16 images, 4 of
+  the 32 that guidance makes of them."""
   config = config_with(attention_implementation="pallas_tpu")
   model = build_model(config.model, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
