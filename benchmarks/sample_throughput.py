@@ -130,6 +130,8 @@ def main():
   parser.add_argument("--images", type=int, default=1000,
                       help="images of the timed multi-batch run (imagenet256)")
   args = parser.parse_args()
+  if args.images < 1:
+    parser.error(f"--images must be at least 1, got {args.images}")
   try:   # a bad --set is a usage error, before anything runs
     sampling_config("quickstart" if args.quick else "imagenet256", args.set)
   except ValueError as e:

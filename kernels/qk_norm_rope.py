@@ -18,7 +18,6 @@ with `interpret=True`.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -30,9 +30,13 @@ _ACTIVE: contextvars.ContextVar[_KernelMesh | None] = contextvars.ContextVar("ke
 
 
 @contextlib.contextmanager
-def kernels_on_mesh(mesh: Mesh, batch_axes: Sequence[str], heads_axes: Sequence[str] = ()):
+def kernels_on_mesh(mesh: Mesh, batch_axes: str | Sequence[str] | None,
+                    heads_axes: str | Sequence[str] | None = ()):
   """Trace the model's attention kernels per shard of `mesh`: the batch split over
-  `batch_axes`, the heads over `heads_axes` (axes of size 1 are ignored)."""
+  `batch_axes`, the heads over `heads_axes` (one axis name, several, or None as a
+  PartitionSpec entry or a sharding rule gives them; axes of size 1 are ignored)."""
+  as_tuple = lambda axes: (axes,) if isinstance(axes, str) else tuple(axes or ())
+  batch_axes, heads_axes = as_tuple(batch_axes), as_tuple(heads_axes)
   unknown = [a for a in (*batch_axes, *heads_axes) if a not in mesh.shape]
   if unknown:
     raise ValueError(f"axes {unknown} are not in the mesh {dict(mesh.shape)}")

@@ -96,11 +96,8 @@ def _compiled_sampler(graphdef: Any, settings: SamplerSettings, num_classes: int
   def per_image_normal(keys, stream):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), image_shape))(keys)
 
-  axes = batch.spec[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-
   def sample(state, key_data, indices, labels):
-    with kernels_on_mesh(batch.mesh, axes):
+    with kernels_on_mesh(batch.mesh, batch.spec[0]):
       return sample_on_mesh(state, key_data, indices, labels)
 
   def sample_on_mesh(state, key_data, indices, labels):

@@ -90,8 +90,7 @@ def jit_train_step(config: Any, model_def: ModelDef, tx: optax.GradientTransform
   (data, fsdp), one noise-level stratum group per batch shard."""
   sigma_groups = mesh.shape["data"] * mesh.shape["fsdp"]
   step = make_train_step(config, model_def, tx, sigma_groups)
-  heads = dict(config.sharding_rules).get("heads") or ()
-  heads = (heads,) if isinstance(heads, str) else tuple(heads)
+  heads = dict(config.sharding_rules).get("heads")
 
   def per_shard_kernels_step(*args):
     with kernels_on_mesh(mesh, mesh_lib.BATCH_AXES, heads):
