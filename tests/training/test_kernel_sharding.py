@@ -4,8 +4,8 @@ XLA cannot partition a Pallas kernel: the TPU lowering refuses a sharded one out
 GPU the operands would be gathered onto every device. The train step and the sampler trace
 the kernels under shard_map (hdit_jax.models.partitioning), which these tests see in what
 jax.export lowers for TPU and CUDA (the kernels' operand shapes are one device's share), and
-in the numbers: the kernels run per shard (interpreted on the CPU) give the loss and gradients
-of the unsharded jnp model.
+in the numbers: the operations run per shard (on the CPU: the interpreted Pallas TPU kernel and
+the q/k kernel's reference) give the loss and gradients of one device.
 """
 
 import functools
@@ -26,7 +26,7 @@ from hdit_jax.training.step import jit_train_step, make_train_step
 from hdit_kernels import qk_norm_rope
 from hdit_kernels.neighborhood_attention import na2d
 from conftest import rel_l2
-from test_training import tiny_config
+from test_training import random_batch, tiny_config
 
 BATCH = 16
 
@@ -152,11 +152,7 @@ def test_kernels_run_per_shard_give_the_numbers_of_one_device(monkeypatch):
   monkeypatch.setattr(attention, "na2d", functools.partial(na2d, interpret=True))
   monkeypatch.setattr(qk_norm_rope, "qk_norm_rope",
                       lambda *args, implementation, **kw: qk_norm_rope.reference(*args, **kw))
-  rng = np.random.default_rng(0)
-  h, w = config.model.input_size
-  batch = dict(image=rng.uniform(-1, 1, (BATCH, h, w, 1)).astype(np.float32),
-               label=rng.integers(0, 10, BATCH).astype(np.int32),
-               aug_cond=rng.normal(size=(BATCH, 9)).astype(np.float32))
+  batch = random_batch(config, BATCH)
   results = []
   for devices, per_shard in ((jax.devices(), True), (jax.devices()[:1], False)):
     config.mesh.update(data=2 if per_shard else 1, fsdp=2 if per_shard else 1,
